@@ -2,7 +2,4 @@ module github.com/qubes-go-firewall/qubes-go-firewall/firewall
 
 go 1.26.0
 
-require (
-	golang.org/x/net v0.62.0
-	golang.org/x/sys v0.50.0
-)
+require golang.org/x/sys v0.50.0
