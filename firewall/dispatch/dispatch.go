@@ -1,0 +1,392 @@
+// Package dispatch is the firewall's forwarding engine: it takes Ethernet
+// frames from client links and the uplink, applies anti-spoofing, the Qubes
+// rules and NAT, and sends them on. It answers ARP and generates ICMP
+// rejects; everything else addressed to the firewall is dropped.
+//
+// Decide, then act: per frame, the dispatcher classifies under its lock,
+// rewrites the frame in place and queues it; the queued frames are written
+// to their links after the lock is released.
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/frag"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
+)
+
+// FallbackMAC is the gateway MAC used until ARP resolves the real one; it
+// is what Qubes gives every backend vif, so it usually works as is.
+var FallbackMAC = [6]byte{0xfe, 0xff, 0xff, 0xff, 0xff, 0xff}
+
+// Config tunes a Dispatcher. The zero value works.
+type Config struct {
+	Logf  func(format string, args ...any) // nil: no logging
+	NAT   nat.Config
+	Frag  frag.Config
+	Clock func() int64 // monotonic nanoseconds; nil: the runtime clock
+
+	// RejectsPerSecond and RejectBurst limit ICMP rejects per client
+	// (default 10/s, burst 20).
+	RejectsPerSecond, RejectBurst float64
+	// LogBurst bounds per-packet log lines per second (default 20).
+	LogBurst int
+}
+
+// Dispatcher forwards frames between attached links. All methods are safe
+// for concurrent use.
+type Dispatcher struct {
+	logf  func(string, ...any)
+	clock func() int64
+	cfg   Config
+
+	mu       sync.Mutex
+	ports    map[*Port]struct{}
+	clients  map[[4]byte]*client
+	rulesets map[[4]byte]*rules.Ruleset // by client IP; may precede the client's link
+	uplink   *Uplink
+	gwMAC    [6]byte
+	gwKnown  bool
+	arpTries int
+	dns      []netip.Addr
+	resolver rules.Resolver
+	nat      *nat.Table
+	local    map[uint16]*UDPConn // our own UDP sockets on the uplink IP
+	ipID     uint16
+	log      logLimiter
+	stats    Stats
+}
+
+// client is a downstream VM.
+type client struct {
+	ip      [4]byte
+	mac     [6]byte
+	port    *Port
+	drops   Counters
+	rejects tokenBucket
+}
+
+// Uplink is the link to the netvm and our addresses on it.
+//
+// In BSD netvm mode (no netfront; the netvm is a client of ours) Port is
+// that client's port and Gateway its IP; frames from that port addressed to
+// IP are then treated as inbound traffic, whatever their source.
+type Uplink struct {
+	Port    *Port
+	IP      [4]byte // our address: the source of all NATed traffic
+	Gateway [4]byte // the netvm
+}
+
+// Port is a link attached to the dispatcher. Input must be called from one
+// goroutine at a time (the link's reader).
+type Port struct {
+	d    *Dispatcher
+	link link.Link
+	mac  [6]byte
+	mtu  int
+
+	// Used only by the goroutine that calls Input, or under d.mu.
+	parsed   header.Parsed
+	frag     *frag.Reassembler
+	pending  []pending
+	arena    []byte // generated frames of the current batch
+	batch    []link.Frame
+	fragBufs [][]byte // reused by frag.Fragment
+}
+
+type pending struct {
+	to    *Port
+	frame link.Frame
+}
+
+// arenaSize bounds the bytes of frames a port generates per batch (ARP
+// replies, ICMP rejects, reassembled datagrams, fragments).
+const arenaSize = 256 << 10
+
+// New returns a Dispatcher with no links.
+func New(cfg Config) *Dispatcher {
+	if cfg.RejectsPerSecond == 0 {
+		cfg.RejectsPerSecond = 10
+	}
+	if cfg.RejectBurst == 0 {
+		cfg.RejectBurst = 20
+	}
+	if cfg.LogBurst == 0 {
+		cfg.LogBurst = 20
+	}
+	d := &Dispatcher{
+		logf:     cfg.Logf,
+		clock:    cfg.Clock,
+		cfg:      cfg,
+		ports:    make(map[*Port]struct{}),
+		clients:  make(map[[4]byte]*client),
+		rulesets: make(map[[4]byte]*rules.Ruleset),
+		local:    make(map[uint16]*UDPConn),
+		nat:      nat.New(cfg.NAT),
+		gwMAC:    FallbackMAC,
+	}
+	if d.logf == nil {
+		d.logf = func(string, ...any) {}
+	}
+	if d.clock == nil {
+		start := time.Now()
+		d.clock = func() int64 { return int64(time.Since(start)) }
+	}
+	d.log = logLimiter{logf: d.logf, burst: cfg.LogBurst}
+	d.stats.Clients = make(map[[4]byte]Counters)
+	return d
+}
+
+// Attach makes l known to the dispatcher. Frames read from it are passed to
+// the returned port's Input (Serve does both).
+func (d *Dispatcher) Attach(l link.Link) *Port {
+	p := &Port{d: d, link: l, mac: l.MAC(), mtu: l.MTU(), frag: frag.New(d.cfg.Frag)}
+	d.mu.Lock()
+	d.ports[p] = struct{}{}
+	d.mu.Unlock()
+	return p
+}
+
+// Detach forgets p: its client, if any, is removed and, if it is the
+// uplink, the uplink goes down. The caller closes the link.
+func (d *Dispatcher) Detach(p *Port) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.ports, p)
+	for ip, c := range d.clients {
+		if c.port == p {
+			d.removeClientLocked(ip)
+		}
+	}
+	if d.uplink != nil && d.uplink.Port == p {
+		d.setUplinkLocked(nil)
+	}
+}
+
+// Link returns the link behind p.
+func (p *Port) Link() link.Link { return p.link }
+
+// Serve reads batches from p's link and processes them until the link
+// fails or ctx is done.
+func (d *Dispatcher) Serve(ctx context.Context, p *Port) error {
+	frames := make([]link.Frame, 64)
+	for ctx.Err() == nil {
+		n, err := p.link.ReadBatch(frames)
+		if n > 0 {
+			p.Input(frames[:n])
+		}
+		if err != nil {
+			if errors.Is(err, link.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("read %s: %w", p.link.Name(), err)
+		}
+	}
+	return ctx.Err()
+}
+
+// ErrDuplicateIP is returned by AddClient for an IP that another port holds.
+var ErrDuplicateIP = errors.New("client IP already attached on another link")
+
+// AddClient registers the VM with address ip and MAC mac behind port p.
+// Until SetRules gives it rules, everything it sends is denied.
+func (d *Dispatcher) AddClient(ip [4]byte, mac [6]byte, p *Port) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if c, ok := d.clients[ip]; ok {
+		if c.port != p {
+			return fmt.Errorf("add client %v on %s: %w (%s)", netip.AddrFrom4(ip), p.link.Name(), ErrDuplicateIP, c.port.link.Name())
+		}
+		c.mac = mac
+		return nil
+	}
+	d.clients[ip] = &client{
+		ip: ip, mac: mac, port: p,
+		rejects: tokenBucket{perSec: d.cfg.RejectsPerSecond, burst: d.cfg.RejectBurst},
+	}
+	return nil
+}
+
+// RemoveClient forgets the client with address ip and its NAT entries. Its
+// rules stay known (dom0 keeps them in QubesDB) until SetRules(ip, nil).
+func (d *Dispatcher) RemoveClient(ip [4]byte) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.removeClientLocked(ip)
+}
+
+func (d *Dispatcher) removeClientLocked(ip [4]byte) {
+	c, ok := d.clients[ip]
+	if !ok {
+		return
+	}
+	prev := d.stats.Clients[ip]
+	for r, v := range c.drops {
+		prev[r] += v
+	}
+	d.stats.Clients[ip] = prev
+	delete(d.clients, ip)
+	d.nat.FlushClient(ip)
+}
+
+// SetRules installs the ruleset of the client with address ip (nil: forget
+// it; the client is then denied everything) and cuts the client's existing
+// flows that the new rules would not accept.
+func (d *Dispatcher) SetRules(ip [4]byte, rs *rules.Ruleset) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if rs == nil {
+		delete(d.rulesets, ip)
+	} else {
+		d.rulesets[ip] = rs
+	}
+	d.recheckFlowsLocked(func(client [4]byte) bool { return client == ip })
+}
+
+// recheckFlowsLocked evaluates the current rules again for the NAT entries
+// of the clients selected by which and removes those now denied.
+func (d *Dispatcher) recheckFlowsLocked(which func([4]byte) bool) {
+	env := d.envLocked()
+	d.nat.FlushIf(func(e *nat.Entry) bool {
+		ip := e.ClientIP()
+		if !which(ip) {
+			return false
+		}
+		return d.rulesLocked(ip).Match(flowPacket(e.ClientTuple()), env).Action != rules.Accept
+	})
+}
+
+// Recheck evaluates the rules again for every existing flow; the caller
+// uses it when a dsthost name resolves to new addresses or the DNS servers
+// change.
+func (d *Dispatcher) Recheck() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.recheckFlowsLocked(func([4]byte) bool { return true })
+}
+
+// flowPacket is the rules' view of the first packet of an existing flow.
+func flowPacket(t nat.Tuple) rules.Packet {
+	p := rules.Packet{Dst: netip.AddrFrom4(t.Dst), Proto: t.Proto, DstPort: t.DstPort}
+	if t.Proto == header.ProtoICMP {
+		// Only requests create ICMP entries; echo is the one in use.
+		p.DstPort, p.ICMPType = 0, header.ICMPEcho
+	}
+	return p
+}
+
+func (d *Dispatcher) rulesLocked(ip [4]byte) *rules.Ruleset {
+	if rs, ok := d.rulesets[ip]; ok {
+		return rs
+	}
+	return denyAll
+}
+
+var denyAll = rules.DenyAll()
+
+func (d *Dispatcher) envLocked() rules.Env {
+	return rules.Env{DNS: d.dns, Resolver: d.resolver}
+}
+
+// SetDNS sets the DNS server addresses that specialtarget=dns rules match.
+func (d *Dispatcher) SetDNS(servers []netip.Addr) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.dns = append([]netip.Addr(nil), servers...)
+	d.recheckFlowsLocked(func([4]byte) bool { return true })
+}
+
+// SetResolver sets where dsthost rules look names up.
+func (d *Dispatcher) SetResolver(r rules.Resolver) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.resolver = r
+}
+
+// SetUplink connects (or, with nil, disconnects) the netvm. NAT entries
+// bound to a previous uplink address are flushed; the gateway's MAC is
+// resolved again by ARP, and a gratuitous ARP announces our address.
+func (d *Dispatcher) SetUplink(u *Uplink) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.setUplinkLocked(u)
+}
+
+func (d *Dispatcher) setUplinkLocked(u *Uplink) {
+	if old := d.uplink; old != nil && (u == nil || old.IP != u.IP) {
+		d.nat.FlushUplink(old.IP)
+	}
+	if u != nil {
+		cp := *u
+		u = &cp
+	}
+	d.uplink = u
+	d.gwMAC, d.gwKnown, d.arpTries = FallbackMAC, false, 0
+	if u == nil {
+		d.logf("dispatch: uplink down")
+		return
+	}
+	d.logf("dispatch: uplink %s ip %v gateway %v", u.Port.link.Name(), netip.AddrFrom4(u.IP), netip.AddrFrom4(u.Gateway))
+	if c, ok := d.clients[u.Gateway]; ok && c.port == u.Port {
+		// BSD mode: the gateway is our client, its MAC is known.
+		d.gwMAC, d.gwKnown = c.mac, true
+	}
+	d.sendARPLocked(u.Port, header.ARPRequest, u.IP, header.BroadcastMAC, u.IP)
+	if !d.gwKnown {
+		d.sendARPLocked(u.Port, header.ARPRequest, u.IP, [6]byte{}, u.Gateway)
+	}
+}
+
+// Tick does periodic work: NAT and fragment expiry, gateway ARP retries.
+// Call it about once a second.
+func (d *Dispatcher) Tick() {
+	now := d.clock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.nat.Expire(now)
+	for p := range d.ports {
+		p.frag.Expire(now)
+	}
+	if u := d.uplink; u != nil && !d.gwKnown {
+		// Keep asking; back off to every 8th tick after the first few.
+		d.arpTries++
+		if d.arpTries < 5 || d.arpTries%8 == 0 {
+			d.sendARPLocked(u.Port, header.ARPRequest, u.IP, [6]byte{}, u.Gateway)
+		}
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (d *Dispatcher) Stats() Stats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := d.stats
+	s.Clients = make(map[[4]byte]Counters, len(d.stats.Clients)+len(d.clients))
+	for ip, c := range d.stats.Clients {
+		s.Clients[ip] = c
+	}
+	for ip, c := range d.clients {
+		prev := s.Clients[ip]
+		for r, v := range c.drops {
+			prev[r] += v
+		}
+		s.Clients[ip] = prev
+	}
+	s.NATEntries = d.nat.Len()
+	return s
+}
+
+// NATStats returns the NAT table's counters.
+func (d *Dispatcher) NATStats() nat.Stats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.nat.Stats()
+}

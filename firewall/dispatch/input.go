@@ -1,0 +1,377 @@
+package dispatch
+
+import (
+	"errors"
+	"net/netip"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/frag"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
+)
+
+// Input processes frames read from p's link: it decides the fate of each
+// under the dispatcher's lock, then writes what is to be sent. The frames'
+// buffers are rewritten in place and must stay valid until Input returns.
+func (p *Port) Input(frames []link.Frame) {
+	d := p.d
+	p.pending = p.pending[:0]
+	p.arena = p.arena[:0]
+	now := d.clock()
+	d.mu.Lock()
+	if _, attached := d.ports[p]; attached {
+		for i := range frames {
+			p.input(&frames[i], now)
+		}
+	}
+	d.mu.Unlock()
+	p.flush()
+}
+
+// flush writes the pending frames, one batch per destination port.
+func (p *Port) flush() {
+	for i := 0; i < len(p.pending); i++ {
+		to := p.pending[i].to
+		if to == nil {
+			continue
+		}
+		p.batch = p.batch[:0]
+		for j := i; j < len(p.pending); j++ {
+			if p.pending[j].to == to {
+				p.batch = append(p.batch, p.pending[j].frame)
+				p.pending[j].to = nil
+			}
+		}
+		// A link that fails is the owner's to notice (its reader gets
+		// the error); here the frames are simply lost.
+		_, _ = to.link.WriteBatch(p.batch)
+	}
+}
+
+// send queues frame for transmission on to.
+func (p *Port) send(to *Port, f link.Frame) {
+	p.pending = append(p.pending, pending{to: to, frame: f})
+}
+
+// alloc returns n bytes of the port's per-batch arena, or nil when it is
+// exhausted.
+func (p *Port) alloc(n int) []byte {
+	if p.arena == nil {
+		p.arena = make([]byte, 0, arenaSize)
+	}
+	if len(p.arena)+n > cap(p.arena) {
+		return nil
+	}
+	b := p.arena[len(p.arena) : len(p.arena)+n]
+	p.arena = p.arena[:len(p.arena)+n]
+	return b
+}
+
+// drop counts a dropped frame against c (nil: not attributable).
+func (d *Dispatcher) drop(c *client, r Reason) {
+	d.stats.Drops[r]++
+	if c != nil {
+		c.drops[r]++
+	}
+}
+
+func (p *Port) input(f *link.Frame, now int64) {
+	d := p.d
+	pk := &p.parsed
+	pk.Decode(f.Data)
+	u := d.uplink
+	isUplink := u != nil && u.Port == p
+	if isUplink && (pk.Kind == header.KindARP || pk.Kind == header.KindIPv4 && pk.Dst == u.IP) {
+		p.fromUplink(f, now)
+		return
+	}
+	c := p.clientLocked(pk)
+	if c == nil {
+		if !isUplink || pk.Kind != header.KindIPv4 {
+			d.drop(nil, kindReason(pk.Kind, ReasonUnknownPort))
+		} else {
+			d.drop(nil, ReasonNotForUs)
+		}
+		return
+	}
+	p.fromClient(c, f, now)
+}
+
+// kindReason is the drop reason for a frame that is not IPv4 or ARP, or
+// def for one that is.
+func kindReason(k header.Kind, def Reason) Reason {
+	switch k {
+	case header.KindInvalid:
+		return ReasonInvalid
+	case header.KindIPv6:
+		return ReasonIPv6
+	case header.KindOther:
+		return ReasonEtherType
+	}
+	return def
+}
+
+// clientLocked finds the client a frame from p belongs to: the one whose
+// IP is its source, or for frames without one (ARP, invalid) any client
+// behind p.
+func (p *Port) clientLocked(pk *header.Parsed) *client {
+	d := p.d
+	if pk.Kind == header.KindIPv4 {
+		if c, ok := d.clients[pk.Src]; ok && c.port == p {
+			return c
+		}
+	}
+	// Few clients per port (one, or two with an HVM's emulated NIC):
+	// a scan is cheaper than another map.
+	for _, c := range d.clients {
+		if c.port == p {
+			return c
+		}
+	}
+	return nil
+}
+
+// fromClient handles a frame a client sent.
+func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
+	d := p.d
+	pk := &p.parsed
+	switch pk.Kind {
+	case header.KindARP:
+		p.clientARP(c, f.Data)
+		return
+	case header.KindIPv4:
+	default:
+		d.drop(c, kindReason(pk.Kind, ReasonInvalid))
+		return
+	}
+	if pk.Src != c.ip {
+		d.drop(c, ReasonSpoof)
+		d.log.log(now, "dispatch: client %v sent from %v: dropped (spoofed source)", netip.AddrFrom4(c.ip), netip.AddrFrom4(pk.Src))
+		return
+	}
+	if pk.Fragment {
+		if !p.reassemble(c, f, now) {
+			return
+		}
+	}
+	dst := pk.Dst
+	switch {
+	case dst[0] >= 224 || dst == [4]byte{255, 255, 255, 255}:
+		d.drop(c, ReasonBroadcast)
+		return
+	case d.uplink != nil && dst == d.uplink.IP:
+		d.drop(c, ReasonToFirewall)
+		return
+	}
+	if other, ok := d.clients[dst]; ok && !d.isBSDGateway(other) {
+		d.drop(c, ReasonClientToClient)
+		return
+	}
+	u := d.uplink
+	if u == nil {
+		d.drop(c, ReasonNoUplink)
+		return
+	}
+	if pk.TTL <= 1 {
+		// Checked before NAT so an expiring packet touches no entry.
+		d.drop(c, ReasonTTL)
+		return
+	}
+	mode := csumMode(f)
+	var e *nat.Entry
+	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
+		// An error about a packet the client received through NAT.
+		if e = d.nat.TranslateICMPErrorOut(f.Data, pk, now); e == nil {
+			d.drop(c, ReasonNoEntry)
+			return
+		}
+	} else if e = d.nat.LookupOut(pk, now); e != nil {
+		d.nat.TranslateOut(e, f.Data, pk, mode, now)
+	} else {
+		v := d.rulesLocked(c.ip).Match(rules.Packet{
+			Dst: netip.AddrFrom4(dst), Proto: pk.Proto, DstPort: pk.DstPort, ICMPType: pk.ICMPType,
+		}, d.envLocked())
+		if v.Action != rules.Accept {
+			d.drop(c, ReasonRule)
+			p.reject(c, f.Data, now)
+			return
+		}
+		if pk.Proto == header.ProtoICMP && !header.ICMPIsRequest(pk.ICMPType) {
+			// Only requests open ICMP flows.
+			d.drop(c, ReasonRule)
+			return
+		}
+		var err error
+		if e, err = d.nat.Create(pk, u.IP, now); err != nil {
+			r := ReasonNATFull
+			if errors.Is(err, nat.ErrPortsExhausted) {
+				r = ReasonPortsExhausted
+			}
+			d.drop(c, r)
+			d.log.log(now, "dispatch: client %v: new flow refused: %v", netip.AddrFrom4(c.ip), err)
+			return
+		}
+		d.nat.TranslateOut(e, f.Data, pk, mode, now)
+	}
+	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
+	header.Ethernet(f.Data).SetSrc(u.Port.mac)
+	header.Ethernet(f.Data).SetDst(d.gwMAC)
+	p.forward(c, u.Port, f, true)
+}
+
+// isBSDGateway reports whether c is the netvm in BSD mode, which receives
+// outbound traffic as our gateway.
+func (d *Dispatcher) isBSDGateway(c *client) bool {
+	return d.uplink != nil && d.uplink.Port == c.port && d.uplink.Gateway == c.ip
+}
+
+// fromUplink handles ARP on the uplink and IPv4 addressed to our uplink IP.
+func (p *Port) fromUplink(f *link.Frame, now int64) {
+	d := p.d
+	u := d.uplink
+	pk := &p.parsed
+	if pk.Kind == header.KindARP {
+		p.uplinkARP(u, f.Data)
+		return
+	}
+	if _, isClient := d.clients[pk.Src]; (isClient && !d.isBSDGatewayIP(pk.Src)) || pk.Src == u.IP {
+		d.drop(nil, ReasonUplinkSpoof)
+		d.log.log(now, "dispatch: uplink packet from %v: dropped (client or own source)", netip.AddrFrom4(pk.Src))
+		return
+	}
+	if pk.Fragment {
+		if !p.reassemble(nil, f, now) {
+			return
+		}
+	}
+	if pk.Proto == header.ProtoUDP {
+		if conn, ok := d.local[pk.DstPort]; ok {
+			conn.deliver(pk, f)
+			return
+		}
+	}
+	if pk.TTL <= 1 {
+		d.drop(nil, ReasonTTL)
+		return
+	}
+	var e *nat.Entry
+	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
+		e = d.nat.TranslateICMPErrorIn(f.Data, pk, now)
+	} else if e = d.nat.LookupIn(pk, now); e != nil {
+		d.nat.TranslateIn(e, f.Data, pk, csumMode(f), now)
+	}
+	if e == nil {
+		d.drop(nil, ReasonNoEntry)
+		return
+	}
+	c, ok := d.clients[e.ClientIP()]
+	if !ok {
+		d.drop(nil, ReasonNoEntry)
+		return
+	}
+	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
+	header.Ethernet(f.Data).SetSrc(c.port.mac)
+	header.Ethernet(f.Data).SetDst(c.mac)
+	p.forward(c, c.port, f, false)
+}
+
+func (d *Dispatcher) isBSDGatewayIP(ip [4]byte) bool {
+	return d.uplink != nil && d.uplink.Gateway == ip && d.uplink.Port != nil &&
+		d.clients[ip] != nil && d.clients[ip].port == d.uplink.Port
+}
+
+// csumMode says how a frame's transport checksum is to be updated.
+func csumMode(f *link.Frame) header.CsumMode {
+	if f.Offload.NeedsCsum {
+		return header.CsumPartial
+	}
+	return header.CsumFull
+}
+
+// forward sends the rewritten frame f to port to, fragmenting it when it
+// exceeds the link's MTU. Frames with segmentation offload are cut by the
+// transmitting kernel and go as they are. outbound says f came from client
+// c, so an ICMP "fragmentation needed" can be returned to it.
+func (p *Port) forward(c *client, to *Port, f *link.Frame, outbound bool) {
+	d := p.d
+	pk := &p.parsed
+	ipLen := pk.End - pk.IPOff
+	if f.Offload.GSOType != link.GSONone || ipLen <= to.mtu {
+		f.Data = f.Data[:pk.End]
+		p.send(to, *f)
+		d.stats.Forwarded++
+		return
+	}
+	ip := header.IPv4(f.Data[pk.IPOff:pk.End])
+	if ip.DontFragment() {
+		d.drop(c, ReasonTooBig)
+		if outbound {
+			p.fragNeeded(c, f.Data, to.mtu)
+		}
+		return
+	}
+	if f.Offload.NeedsCsum {
+		// Fragments cannot carry a partial checksum: complete it first.
+		completeChecksum(f)
+	}
+	frags, err := frag.Fragment(p.fragBufs[:0], ip, to.mtu)
+	p.fragBufs = frags
+	if err != nil {
+		d.drop(c, ReasonTooBig)
+		return
+	}
+	eth := f.Data[:header.EthernetLen]
+	for _, fr := range frags {
+		b := p.alloc(header.EthernetLen + len(fr))
+		if b == nil {
+			d.drop(c, ReasonNoBuffer)
+			return
+		}
+		copy(b, eth)
+		copy(b[header.EthernetLen:], fr)
+		p.send(to, link.Frame{Data: b})
+	}
+	d.stats.Forwarded++
+}
+
+// completeChecksum finishes a partial transport checksum in software.
+func completeChecksum(f *link.Frame) {
+	start, off := int(f.Offload.CsumStart), int(f.Offload.CsumOffset)
+	if start+off+2 > len(f.Data) {
+		return
+	}
+	sum := header.Checksum(f.Data[start:])
+	f.Data[start+off], f.Data[start+off+1] = byte(sum>>8), byte(sum)
+	f.Offload.NeedsCsum = false
+}
+
+// reassemble feeds a fragment to the port's reassembler. When the datagram
+// is complete it replaces f's data with it (in the arena), re-decodes it
+// and reports true.
+func (p *Port) reassemble(c *client, f *link.Frame, now int64) bool {
+	d := p.d
+	pk := &p.parsed
+	dg, res := p.frag.Add(f.Data[pk.IPOff:pk.End], now)
+	if res == frag.Pending {
+		return false
+	}
+	if dg == nil {
+		d.drop(c, ReasonFragment)
+		return false
+	}
+	b := p.alloc(header.EthernetLen + len(dg))
+	if b == nil {
+		d.drop(c, ReasonNoBuffer)
+		return false
+	}
+	copy(b, f.Data[:header.EthernetLen])
+	copy(b[header.EthernetLen:], dg)
+	f.Data, f.Offload = b, link.Offload{}
+	pk.Decode(b)
+	if pk.Kind != header.KindIPv4 || pk.Fragment {
+		d.drop(c, ReasonFragment)
+		return false
+	}
+	return true
+}

@@ -1,0 +1,189 @@
+package nat
+
+import (
+	"encoding/binary"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+)
+
+// ICMP errors quote the IP header and at least the first 8 bytes of the
+// datagram that caused them (RFC 792; RFC 1812 4.3.2.3 allows more). NAT
+// must translate the quote as well as the outer header (RFC 5508 REQ-4):
+// the quoted address and port, the quoted IP checksum, the quoted
+// transport checksum when it was quoted, and the outer ICMP checksum,
+// which covers all of them.
+
+// quote is the datagram an ICMP error quotes, located within the ICMP
+// message m (offsets relative to m).
+type quote struct {
+	l4    int   // offset of the quoted transport header
+	l4Len int   // transport bytes quoted (>= 8)
+	key   Tuple // as quoted; ICMP: SrcPort = identifier
+	icmp  uint8 // quoted ICMP type
+}
+
+// quotedIP is where the quoted IP header starts in an ICMP error.
+const quotedIP = header.ICMPv4MinLen
+
+// icmpError returns the ICMP message of an error packet p describes in
+// frame, if it is a well-formed one with a correct checksum: the quote is
+// hostile input, and translating a corrupt message would launder it.
+func icmpError(frame []byte, p *header.Parsed) ([]byte, bool) {
+	if p.Kind != header.KindIPv4 || p.Fragment || p.Proto != header.ProtoICMP || !header.ICMPIsError(p.ICMPType) {
+		return nil, false
+	}
+	m := frame[p.L4Off:p.End]
+	return m, header.Fold(header.Sum(m, 0)) == 0xffff
+}
+
+// parseQuote checks the quoted datagram of ICMP error m: an IPv4 header
+// whose lengths agree, not a non-first fragment, and at least 8 bytes of
+// a TCP or UDP header or of an ICMP query (never an error about an error).
+func parseQuote(m []byte) (q quote, ok bool) {
+	ip := m[quotedIP:]
+	if len(ip) < header.IPv4MinLen || ip[0]>>4 != 4 {
+		return q, false
+	}
+	hl := int(ip[0]&0xf) * 4
+	tl := int(binary.BigEndian.Uint16(ip[2:]))
+	if hl < header.IPv4MinLen || tl < hl+8 || len(ip) < hl+8 || header.IPv4(ip).FragOffset() != 0 {
+		return q, false
+	}
+	// Bytes after the original datagram's end (RFC 4884 extensions,
+	// padding) are not part of the quote.
+	l4 := ip[hl:min(len(ip), tl)]
+	q.l4, q.l4Len = quotedIP+hl, len(l4)
+	q.key = Tuple{Proto: ip[9], Src: header.IPv4(ip).Src(), Dst: header.IPv4(ip).Dst()}
+	switch q.key.Proto {
+	case header.ProtoTCP:
+		if len(l4) > 12 && int(l4[12]>>4)*4 < header.TCPMinLen {
+			return q, false
+		}
+	case header.ProtoUDP:
+		if binary.BigEndian.Uint16(l4[4:]) < header.UDPLen {
+			return q, false
+		}
+	case header.ProtoICMP:
+		q.icmp = l4[0]
+		if !header.ICMPIsQuery(q.icmp) {
+			return q, false
+		}
+		q.key.SrcPort = header.ICMPv4(l4).Ident()
+		return q, true
+	default:
+		return q, false
+	}
+	q.key.SrcPort, q.key.DstPort = binary.BigEndian.Uint16(l4[0:]), binary.BigEndian.Uint16(l4[2:])
+	return q, true
+}
+
+// TranslateICMPErrorIn translates an ICMP error from the uplink about a
+// packet we sent (uplinkIP:natport -> remote) for the client: the quote
+// becomes client:port -> remote and the outer destination the client.
+// It returns the flow's entry, or nil if the packet must be dropped
+// (malformed, bad checksum, unknown flow, not addressed to the address the
+// quoted packet came from). It does not refresh the entry.
+func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) *Entry {
+	m, ok := icmpError(frame, p)
+	if !ok {
+		return nil
+	}
+	q, ok := parseQuote(m)
+	if !ok || q.key.Src != p.Dst || (q.key.Proto == header.ProtoICMP && !header.ICMPIsRequest(q.icmp)) {
+		return nil
+	}
+	e := t.get(t.in, q.key, now)
+	if e == nil {
+		return nil
+	}
+	rewriteQuote(m, q, 12, 0, e.ct.Src, e.ct.SrcPort)
+	header.IPv4(frame[p.IPOff:]).SetDst(e.ct.Src)
+	p.Dst = e.ct.Src
+	return e
+}
+
+// TranslateICMPErrorOut translates an ICMP error from a client about a
+// packet it received through NAT (remote -> client:port): the quote
+// becomes remote -> uplinkIP:natport and the outer source the uplink
+// address. It returns the flow's entry, or nil if the packet must be
+// dropped.
+func (t *Table) TranslateICMPErrorOut(frame []byte, p *header.Parsed, now int64) *Entry {
+	m, ok := icmpError(frame, p)
+	if !ok {
+		return nil
+	}
+	q, ok := parseQuote(m)
+	if !ok || q.key.Dst != p.Src {
+		return nil
+	}
+	k := Tuple{Proto: q.key.Proto, Src: q.key.Dst, Dst: q.key.Src, SrcPort: q.key.DstPort, DstPort: q.key.SrcPort}
+	if k.Proto == header.ProtoICMP {
+		// The client quotes a query reply it received.
+		if header.ICMPIsRequest(q.icmp) {
+			return nil
+		}
+		k.SrcPort, k.DstPort = q.key.SrcPort, 0
+	}
+	e := t.get(t.out, k, now)
+	if e == nil {
+		return nil
+	}
+	rewriteQuote(m, q, 16, 2, e.uplink, e.natPort)
+	header.IPv4(frame[p.IPOff:]).SetSrc(e.uplink)
+	p.Src = e.uplink
+	return e
+}
+
+// rewriteQuote sets the quoted address at offset addrOff of the quoted IP
+// header (12 source, 16 destination) and the quoted port at portOff of the
+// transport header (0 source, 2 destination; ICMP queries: the
+// identifier), updating the quoted checksums and the ICMP checksum of m.
+func rewriteQuote(m []byte, q quote, addrOff, portOff int, addr [4]byte, port uint16) {
+	w := wordEditor{m: m, sum: binary.BigEndian.Uint16(m[2:])}
+	ipOff := quotedIP
+	old := [4]byte(m[ipOff+addrOff:])
+	w.put(ipOff+addrOff, binary.BigEndian.Uint16(addr[0:]))
+	w.put(ipOff+addrOff+2, binary.BigEndian.Uint16(addr[2:]))
+	w.put(ipOff+10, header.Update32(w.get(ipOff+10), old, addr))
+	switch q.key.Proto {
+	case header.ProtoTCP, header.ProtoUDP:
+		oldPort := w.get(q.l4 + portOff)
+		w.put(q.l4+portOff, port)
+		cs := q.l4 + header.TCPChecksumOffset
+		if q.key.Proto == header.ProtoUDP {
+			cs = q.l4 + header.UDPChecksumOffset
+		}
+		if cs+2 > q.l4+q.l4Len {
+			break // a TCP quote of 8 bytes stops before its checksum
+		}
+		c := w.get(cs)
+		if q.key.Proto == header.ProtoUDP && c == 0 {
+			break // sent without a checksum
+		}
+		c = header.Update16(header.Update32(c, old, addr), oldPort, port)
+		if q.key.Proto == header.ProtoUDP && c == 0 {
+			c = 0xffff
+		}
+		w.put(cs, c)
+	case header.ProtoICMP:
+		oldID := w.get(q.l4 + 4)
+		w.put(q.l4+4, port)
+		w.put(q.l4+2, header.Update16(w.get(q.l4+2), oldID, port))
+	}
+	binary.BigEndian.PutUint16(m[2:], w.sum)
+}
+
+// wordEditor changes 16-bit words of an ICMP message, keeping its
+// checksum sum up to date. Every offset is even: the quote starts 8 bytes
+// in and its header lengths are multiples of 4.
+type wordEditor struct {
+	m   []byte
+	sum uint16
+}
+
+func (w *wordEditor) get(off int) uint16 { return binary.BigEndian.Uint16(w.m[off:]) }
+
+func (w *wordEditor) put(off int, v uint16) {
+	w.sum = header.Update16(w.sum, w.get(off), v)
+	binary.BigEndian.PutUint16(w.m[off:], v)
+}
