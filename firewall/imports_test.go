@@ -1,0 +1,39 @@
+// The firewall module may depend only on the standard library,
+// golang.org/x/sys and golang.org/x/net: it is the code users must be
+// able to audit, and what goes into the image.
+package firewall_test
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/qubes-go-firewall/qubes-go-firewall/firewall"
+
+var allowed = []string{module, "golang.org/x/sys/", "golang.org/x/net/"}
+
+func TestOnlyAllowedImports(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "-test", "-f", "{{if not .Standard}}{{.ImportPath}}{{end}}", "./...").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	var checked int
+	for _, pkg := range strings.Fields(string(out)) {
+		checked++
+		ok := false
+		for _, prefix := range allowed {
+			if pkg == strings.TrimSuffix(prefix, "/") || strings.HasPrefix(pkg, prefix) {
+				ok = true
+				break
+			}
+		}
+		// Test binaries get synthetic names like "pkg.test" and "pkg [pkg.test]".
+		if !ok && !strings.HasPrefix(strings.TrimPrefix(pkg, "["), module) {
+			t.Errorf("firewall module depends on %s: only the standard library, golang.org/x/sys and golang.org/x/net are allowed", pkg)
+		}
+	}
+	if checked == 0 {
+		t.Fatal("go list reported no packages")
+	}
+}
