@@ -2,18 +2,114 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/salt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sign"
 )
 
-// Placeholder until the salt command lands.
+type saltOptions struct {
+	vm           salt.Options
+	from         string
+	out          string
+	sums         string
+	sig          string
+	key          string
+	release      string
+	checksumsDir string
+}
+
 func newSaltCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "salt",
-		Short:  "(not yet implemented)",
-		Hidden: true,
-		RunE: func(*cobra.Command, []string) error {
-			return errors.New("salt: not implemented yet")
+	o := &saltOptions{vm: salt.DefaultOptions()}
+	cmd := &cobra.Command{
+		Use:   "salt --from DIR --out DIR [--release vX.Y.Z | --key PUB] [VM options]",
+		Short: "Emit the dom0 Salt states that install the image as a firewall VM",
+		Long: `salt renders the salt/ templates into a state tree for dom0:
+
+  OUT/<name>.top          top file (qubesctl top.enable <name>)
+  OUT/<name>/init.sls     installs the kernel files, creates/updates the VM
+  OUT/<name>/vmlinuz      the artifacts, copied from --from
+  OUT/<name>/initramfs
+  OUT/<name>/SHA256SUMS   the sums file they were checked against (+ .sig)
+
+It reads SHA256SUMS (default: the one in --from; with --release the signed
+one in checksums/releases/vX.Y.Z/, checked against checksums/release-key.pub;
+with --key, its signature), copies vmlinuz and initramfs into the tree while
+hashing the copied bytes, and refuses (exit 3) if a digest differs. The
+source_hash values it writes are the digests it computed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.vm.Validate(); err != nil {
+				return withCode(exitUsage, fmt.Errorf("salt: %w", err))
+			}
+			if o.out == "" {
+				return withCode(exitUsage, errors.New("salt: --out is required"))
+			}
+			src, err := o.sumsSource()
+			if err != nil {
+				return withCode(exitUsage, fmt.Errorf("salt: %w", err))
+			}
+			f, data, sig, err := src.LoadRaw()
+			if err != nil {
+				return withCode(trustExitCode(err), fmt.Errorf("salt: %w", err))
+			}
+			extra := map[string][]byte{"SHA256SUMS": data}
+			if sig != nil {
+				extra["SHA256SUMS.sig"] = sig
+			}
+			label := src.Path
+			if o.release != "" {
+				label = "the signed release " + o.release + " sums"
+			}
+			if err := salt.WriteTree(o.out, o.vm, salt.Source{Dir: o.from, Sums: f, Label: label, Extra: extra}); err != nil {
+				return withCode(trustExitCode(err), fmt.Errorf("salt: %w", err))
+			}
+			w := cmd.OutOrStdout()
+			if src.Key == "" {
+				fmt.Fprintf(w, "warning: %s was not signature-checked (no --key or --release)\n", src.Path)
+			}
+			fmt.Fprintf(w, "wrote %s: apply in dom0 with `sudo qubesctl --show-output state.apply %s` (see README: Install in Qubes)\n", o.out, o.vm.Name)
+			return nil
 		},
 	}
+	f := cmd.Flags()
+	f.StringVar(&o.from, "from", "dist", "directory holding vmlinuz and initramfs")
+	f.StringVar(&o.out, "out", "", "directory to create the state tree in (must not exist or be empty)")
+	f.StringVar(&o.sums, "sums", "", "SHA256SUMS to check the artifacts against (default: FROM/SHA256SUMS)")
+	f.StringVar(&o.key, "key", "", "public key that must have signed the sums file")
+	f.StringVar(&o.sig, "sig", "", "signature of the sums file (default: SUMS.sig; needs --key)")
+	f.StringVar(&o.release, "release", "", "check against the published, signed release vX.Y.Z in checksums/")
+	f.StringVar(&o.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
+	f.StringVar(&o.vm.Name, "name", o.vm.Name, "VM name (also the kernel directory under /var/lib/qubes/vm-kernels/)")
+	f.StringVar(&o.vm.Label, "label", o.vm.Label, "VM label colour")
+	f.IntVar(&o.vm.Memory, "memory", o.vm.Memory, "VM memory in MB (memory = maxmem)")
+	f.StringVar(&o.vm.NetVM, "netvm", o.vm.NetVM, `upstream netvm ("none" for none, e.g. in BSD mode)`)
+	f.StringVar(&o.vm.KernelOpts, "kernelopts", o.vm.KernelOpts, "kernel options, e.g. the BSD-mode --ipv4=... --ipv4-gw=...")
+	f.StringSliceVar(&o.vm.Clients, "clients", nil, "VMs to switch to the new firewall (comma-separated)")
+	f.BoolVar(&o.vm.SetDefaultNetVM, "set-default-netvm", false, "make the new firewall the system's default netvm")
+	return cmd
+}
+
+// sumsSource says which sums file, signature and key vouch for --from.
+func (o *saltOptions) sumsSource() (sign.Sums, error) {
+	if o.release != "" {
+		if o.sums != "" || o.sig != "" || o.key != "" {
+			return sign.Sums{}, errors.New("--release takes the sums file, signature and key from checksums/; do not combine it with --sums, --sig or --key")
+		}
+		return releaseSums(o.checksumsDir, o.release)
+	}
+	if o.sig != "" && o.key == "" {
+		return sign.Sums{}, errors.New("--sig needs --key")
+	}
+	s := sign.Sums{Path: o.sums, Signature: o.sig, Key: o.key}
+	if s.Path == "" {
+		s.Path = filepath.Join(o.from, "SHA256SUMS")
+	}
+	if s.Key != "" && s.Signature == "" {
+		s.Signature = s.Path + ".sig"
+	}
+	return s, nil
 }
