@@ -14,10 +14,16 @@ export CGO_ENABLED := 0
 GOFILES = $(shell find . -name '*.go' -not -path './dist/*' -not -path './.git/*')
 
 .PHONY: all test setup check unit fuzz-smoke bench clean
+.PHONY: bench-netns bench-go
+.PHONY: image-smoke
+.PHONY: qgfw image checksums repro test-builder test-netns
 
 all: test
 
-test: setup check unit
+# After the unit tests: the podman driver against a real service, the real
+# image build compared with checksums/SHA256SUMS (warm runs reuse the input
+# cache and the kernel stage), and the image booted in QEMU. Keep this order.
+test: setup check unit test-netns
 
 # Installs the Debian packages and host configuration the tests need.
 setup:
@@ -31,6 +37,52 @@ check:
 unit:
 	$(GO) test -tags "$(ROOT_TAGS)" ./...
 	cd firewall && $(GO) test ./...
+
+# Boots dist/vmlinuz + dist/initramfs in QEMU (TCG) and waits for the
+# firewall's start line on the console; QEMU_MACHINE=microvm boots
+# dist/vmlinux instead, QEMU_MEM sets the memory (MB).
+image-smoke:
+	./scripts/image-smoke.sh dist
+
+# The builder CLI.
+qgfw:
+	$(GO) build -tags "$(ROOT_TAGS)" -o bin/qgfw ./cmd/qgfw
+
+# Builds dist/{vmlinuz,initramfs,SHA256SUMS,buildinfo.json} and compares
+# them with checksums/SHA256SUMS (exit 3 on a mismatch).
+image: qgfw
+	bin/qgfw build
+
+# Rebuilds and writes the artifacts' sums to checksums/SHA256SUMS; run it
+# after changing the firewall, the kernel config or a pin.
+checksums: qgfw
+	bin/qgfw build --update-checksums
+
+# Two cold builds in different directories, at different times, with
+# different TZ, umask, LANG and host name must give identical SHA256SUMS.
+repro: qgfw
+	./scripts/repro.sh
+
+# The firewall binary end to end between network namespaces with real
+# servers (dnsmasq, echo, iperf3) and the in-repo QubesDB server. Root.
+test-netns:
+	QGFW_INTEGRATION=1 $(GO) test -count=1 -v -timeout 20m ./integration/netns/
+
+# The podman driver's integration test against a real podman service.
+test-builder:
+	QGFW_TEST_PODMAN=1 $(GO) test -tags "$(ROOT_TAGS)" -count=1 ./builder/podman/
+
+# Benchmarks, not part of CI (root): the firewall binary next to Linux
+# kernel forwarding + nftables masquerade in network namespaces (report in
+# dist/bench/; see bench/README.md for the BENCH_* variables), then the
+# firewall module's Go micro-benchmarks.
+bench: setup bench-netns bench-go
+
+bench-netns:
+	bench/netns.sh
+
+bench-go:
+	cd firewall && $(GO) test -run='^$$' -bench=. -benchmem ./...
 
 clean:
 	rm -rf bin

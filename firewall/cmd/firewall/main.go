@@ -1,26 +1,220 @@
 // Command firewall is the qubes-go-firewall VM's only process: /init in the
-// image, or an ordinary process on Linux for tests.
-//
-// This is the boot skeleton; the forwarding engine is wired in by later
-// changes.
+// image, or an ordinary process on Linux (this mode), where it forwards
+// between AF_PACKET links on existing interfaces and takes its rules and
+// uplink settings from a QubesDB daemon socket.
 package main
 
 import (
+	"context"
+	"flag"
 	"fmt"
+	"log"
+	"net/netip"
 	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
 
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dns"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"golang.org/x/sys/unix"
 )
 
-func main() {
-	fmt.Fprintf(os.Stderr, "qubes-go-firewall: started (pid %d)\n", os.Getpid())
-	if os.Getpid() == 1 {
-		// As /init there is nothing to run yet: power the VM off cleanly
-		// rather than let the kernel panic when PID 1 exits.
-		unix.Sync()
-		if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
-			fmt.Fprintf(os.Stderr, "qubes-go-firewall: poweroff: %v\n", err)
-		}
-		select {}
+// defaultClientMAC is the MAC Qubes gives every client VM's interface.
+var defaultClientMAC = [6]byte{0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x00}
+
+// clientFlag collects -client IFNAME=IP[,MAC] flags.
+type clientFlag []clientSpec
+
+type clientSpec struct {
+	ifname string
+	ip     [4]byte
+	mac    [6]byte
+}
+
+func (f *clientFlag) String() string { return fmt.Sprint(*f) }
+
+func (f *clientFlag) Set(s string) error {
+	name, rest, ok := strings.Cut(s, "=")
+	if !ok || name == "" {
+		return fmt.Errorf("want IFNAME=IP[,MAC], got %q", s)
 	}
+	ipStr, macStr, hasMAC := strings.Cut(rest, ",")
+	ip, err := netip.ParseAddr(ipStr)
+	if err != nil || !ip.Is4() {
+		return fmt.Errorf("client %s: bad IPv4 address %q", name, ipStr)
+	}
+	spec := clientSpec{ifname: name, ip: ip.As4(), mac: defaultClientMAC}
+	if hasMAC {
+		var m [6]byte
+		if _, err := fmt.Sscanf(macStr, "%02x:%02x:%02x:%02x:%02x:%02x", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]); err != nil {
+			return fmt.Errorf("client %s: bad MAC %q", name, macStr)
+		}
+		spec.mac = m
+	}
+	*f = append(*f, spec)
+	return nil
+}
+
+type options struct {
+	uplink     string
+	clients    clientFlag
+	qubesdb    string
+	natSize    int
+	statsEvery time.Duration
+}
+
+func main() {
+	if os.Getpid() == 1 {
+		bootPID1()
+		return
+	}
+	logger := log.New(os.Stderr, "", log.LstdFlags|log.Lmicroseconds)
+	var o options
+	fs := flag.NewFlagSet("firewall", flag.ExitOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: firewall -uplink IFNAME -client IFNAME=IP[,MAC] ... [flags]
+
+Runs the qubes-go-firewall forwarding engine as an ordinary Linux process:
+frames are read and written on the named interfaces with AF_PACKET sockets;
+the interfaces must carry no IP address of the kernel's. Rules
+(/qubes-firewall/...) and uplink settings (/qubes-ip, /qubes-gateway,
+/qubes-primary-dns, /qubes-secondary-dns) come from QubesDB. SIGTERM or
+SIGINT shuts down cleanly. Logs go to stderr.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.uplink, "uplink", "", "uplink (netvm) interface; reopened when the netvm changes")
+	fs.Var(&o.clients, "client", "client interface and the client VM's address, IFNAME=IP[,MAC] (MAC defaults to 00:16:3e:5e:6c:00); repeat per client")
+	fs.StringVar(&o.qubesdb, "qubesdb", "/var/run/qubes/qubesdb.sock", "QubesDB daemon unix socket")
+	fs.IntVar(&o.natSize, "nat-table-size", 0, "NAT table entries (0: sized from available memory)")
+	fs.DurationVar(&o.statsEvery, "stats-interval", time.Minute, "how often to log counters (0: never)")
+	fs.Parse(os.Args[1:])
+	if o.uplink == "" || len(o.clients) == 0 || fs.NArg() != 0 {
+		fs.Usage()
+		os.Exit(2)
+	}
+	if err := run(o, logger.Printf); err != nil {
+		logger.Printf("firewall: %v", err)
+		os.Exit(1)
+	}
+}
+
+func run(o options, logf func(string, ...any)) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: natSize(o.natSize)}})
+	var wg sync.WaitGroup
+	var links []link.Link
+	defer func() {
+		for _, l := range links {
+			l.Close()
+		}
+		wg.Wait()
+	}()
+	openLink := func(name string) (link.Link, error) {
+		return afpacket.Open(name, afpacket.Config{Logf: logf})
+	}
+	for _, cs := range o.clients {
+		l, err := openLink(cs.ifname)
+		if err != nil {
+			return fmt.Errorf("client %s: %w", cs.ifname, err)
+		}
+		links = append(links, l)
+		p := d.Attach(l)
+		if err := d.AddClient(cs.ip, cs.mac, p); err != nil {
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.Serve(ctx, p); err != nil {
+				logf("firewall: client link %s: %v", cs.ifname, err)
+			}
+		}()
+		logf("firewall: client %v on %s", netip.AddrFrom4(cs.ip), cs.ifname)
+	}
+
+	ctl := control.New(control.Config{Dispatcher: d, UplinkName: o.uplink, OpenLink: openLink, Logf: logf})
+	res := dns.New(dns.Config{
+		Servers: ctl.DNS,
+		Listen: func() (dns.Conn, error) {
+			c, err := d.ListenUDP()
+			if err != nil {
+				return nil, err // not a typed nil inside the interface
+			}
+			return c, nil
+		},
+		OnChange: d.Recheck,
+		Logf:     logf,
+	})
+	d.SetResolver(res)
+	ctl.SetResolver(res)
+
+	db := qubesdb.NewClient(qubesdb.UnixDialer(o.qubesdb), qubesdb.Daemon, logf)
+	mirror := qubesdb.NewMirror(ctl.Handle)
+	wg.Add(3)
+	go func() { defer wg.Done(); res.Run(ctx) }()
+	go func() { defer wg.Done(); ctl.Run(ctx, time.Second) }()
+	go func() {
+		defer wg.Done()
+		if err := db.Run(ctx, mirror); err != nil && ctx.Err() == nil {
+			logf("firewall: qubesdb: %v", err)
+		}
+	}()
+	if o.statsEvery > 0 {
+		go logStats(ctx, d, ctl, o.statsEvery, logf)
+	}
+	logf("firewall: running (uplink %s, %d clients, qubesdb %s)", o.uplink, len(o.clients), o.qubesdb)
+	<-ctx.Done()
+	logf("firewall: shutting down")
+	return nil
+}
+
+func logStats(ctx context.Context, d *dispatch.Dispatcher, ctl *control.Controller, every time.Duration, logf func(string, ...any)) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s := d.Stats()
+		logf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s", ctl.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String())
+	}
+}
+
+// natSize picks the NAT table size: n if set, else about 1/8 of available
+// memory at ~256 bytes an entry, between 4096 and 65536.
+func natSize(n int) int {
+	if n > 0 {
+		return n
+	}
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 8192
+	}
+	avail := int(si.Totalram) * int(si.Unit) / 8 / 256
+	return max(4096, min(avail, 65536))
+}
+
+// bootPID1 is the image's boot until Xen discovery lands: announce, power off.
+func bootPID1() {
+	fmt.Fprintf(os.Stderr, "qubes-go-firewall: started (pid %d)\n", os.Getpid())
+	unix.Sync()
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+		fmt.Fprintf(os.Stderr, "qubes-go-firewall: poweroff: %v\n", err)
+	}
+	select {}
 }

@@ -1,0 +1,309 @@
+// Package control is the firewall's control plane: it turns QubesDB state
+// (rules, uplink addressing, DNS servers) into dispatcher configuration,
+// keeps the dsthost resolver's name list current, and manages the uplink
+// link's lifecycle across netvm changes.
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
+)
+
+// Resolver is what the controller needs of the dsthost resolver.
+type Resolver interface {
+	SetNames(names []string)
+	Kick()
+}
+
+// Config wires a Controller.
+type Config struct {
+	Dispatcher *dispatch.Dispatcher
+	Resolver   Resolver // may be nil: dsthost names never resolve
+	// UplinkName is the netvm interface (eth0 in Qubes) and OpenLink opens
+	// it; it is reopened whenever it fails or the netvm changes, since a
+	// netvm change hot-plugs a new interface of the same name. An empty
+	// UplinkName means BSD mode or no uplink link of ours.
+	UplinkName string
+	OpenLink   func(name string) (link.Link, error)
+	// BSDGateway, in BSD netvm mode, is the port of the netvm (a client)
+	// that carries the uplink; set with StaticUplink.
+	Logf func(format string, args ...any)
+}
+
+// Controller applies QubesDB events. Its methods are safe for concurrent use.
+type Controller struct {
+	cfg  Config
+	d    *dispatch.Dispatcher
+	logf func(string, ...any)
+
+	mu        sync.Mutex
+	rulesets  map[[4]byte]*rules.Ruleset // clients with committed rules
+	uplink    qubesdb.Uplink             // last settings from QubesDB
+	static    *dispatch.Uplink           // BSD mode: fixed uplink
+	port      *dispatch.Port             // the open uplink port
+	portDone  chan struct{}              // closed when port's reader ends
+	dns       []netip.Addr
+	wantRetry bool
+}
+
+// New returns a Controller; call Run to keep the uplink alive.
+func New(cfg Config) *Controller {
+	c := &Controller{cfg: cfg, d: cfg.Dispatcher, logf: cfg.Logf, rulesets: make(map[[4]byte]*rules.Ruleset)}
+	if c.logf == nil {
+		c.logf = func(string, ...any) {}
+	}
+	return c
+}
+
+// SetResolver sets the dsthost resolver (it usually needs the controller's
+// DNS method, hence not in Config).
+func (c *Controller) SetResolver(r Resolver) {
+	c.mu.Lock()
+	c.cfg.Resolver = r
+	c.mu.Unlock()
+	c.updateNames()
+}
+
+// DNS returns the current DNS servers (for the resolver).
+func (c *Controller) DNS() []netip.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.dns)
+}
+
+// Handle applies one QubesDB event; use it as the qubesdb.Mirror's report
+// function. It must not be called concurrently with itself.
+func (c *Controller) Handle(ev qubesdb.Event) {
+	switch ev.Kind {
+	case qubesdb.EventSnapshot:
+		c.applySnapshot(ev)
+	case qubesdb.EventRules:
+		c.applyRules(ev.IP, ev.Rules)
+		c.updateNames()
+	case qubesdb.EventUplink:
+		c.applyUplink(ev.Uplink)
+	}
+}
+
+func (c *Controller) applySnapshot(ev qubesdb.Event) {
+	c.mu.Lock()
+	var gone [][4]byte
+	for ip := range c.rulesets {
+		if _, ok := ev.AllRules[netip.AddrFrom4(ip).String()]; !ok {
+			gone = append(gone, ip)
+		}
+	}
+	c.mu.Unlock()
+	for _, ip := range gone {
+		c.applyRules(netip.AddrFrom4(ip).String(), nil)
+	}
+	for ip, entries := range ev.AllRules {
+		c.applyRules(ip, entries)
+	}
+	c.updateNames()
+	c.applyUplink(ev.Uplink)
+}
+
+// applyRules parses and installs one client's rules. A ruleset that does
+// not parse is installed as deny-all (rules.Parse returns that with the
+// error), so the client is cut off, not left with stale rules.
+func (c *Controller) applyRules(ipStr string, entries map[string]string) {
+	addr, err := netip.ParseAddr(ipStr)
+	if err != nil || !addr.Is4() {
+		c.logf("control: rules for %q ignored: not an IPv4 address", ipStr)
+		return
+	}
+	ip := addr.As4()
+	if entries == nil {
+		c.mu.Lock()
+		delete(c.rulesets, ip)
+		c.mu.Unlock()
+		c.d.SetRules(ip, nil)
+		c.logf("control: rules of %v removed: deny all", addr)
+		return
+	}
+	rs, err := rules.Parse(entries)
+	if err != nil {
+		c.logf("control: rules of %v rejected, client denied everything: %v", addr, err)
+	} else {
+		c.logf("control: rules of %v: %v", addr, rs)
+	}
+	c.mu.Lock()
+	c.rulesets[ip] = rs
+	c.mu.Unlock()
+	c.d.SetRules(ip, rs)
+}
+
+// updateNames gives the resolver the union of every client's dsthost names.
+func (c *Controller) updateNames() {
+	c.mu.Lock()
+	r := c.cfg.Resolver
+	if r == nil {
+		c.mu.Unlock()
+		return
+	}
+	var names []string
+	for _, rs := range c.rulesets {
+		names = append(names, rs.Names()...)
+	}
+	c.mu.Unlock()
+	slices.Sort(names)
+	r.SetNames(slices.Compact(names))
+}
+
+// applyUplink takes new uplink settings: DNS servers at once, addressing
+// by (re)configuring the uplink.
+func (c *Controller) applyUplink(u qubesdb.Uplink) {
+	var dns []netip.Addr
+	for _, s := range []string{u.PrimaryDNS, u.SecondaryDNS} {
+		if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
+			dns = append(dns, a)
+		}
+	}
+	c.mu.Lock()
+	changed := c.uplink != u
+	moved := c.uplink.IP != u.IP || c.uplink.Gateway != u.Gateway
+	c.uplink = u
+	c.dns = dns
+	c.mu.Unlock()
+	c.d.SetDNS(dns)
+	if !changed {
+		return
+	}
+	c.logf("control: uplink settings ip=%q gateway=%q dns=%q,%q", u.IP, u.Gateway, u.PrimaryDNS, u.SecondaryDNS)
+	// A new address or gateway means a new netvm: its interface is a new
+	// one even if the name is the same.
+	c.reconcile(moved)
+	c.mu.Lock()
+	r := c.cfg.Resolver
+	c.mu.Unlock()
+	if r != nil {
+		r.Kick()
+	}
+}
+
+// SetStaticUplink configures BSD netvm mode: the uplink is port (the
+// netvm's client link) with fixed addresses, and QubesDB addressing is
+// ignored.
+func (c *Controller) SetStaticUplink(u *dispatch.Uplink, dns []netip.Addr) {
+	c.mu.Lock()
+	c.static = u
+	c.dns = dns
+	c.mu.Unlock()
+	c.d.SetDNS(dns)
+	c.d.SetUplink(u)
+}
+
+// reconcile makes the dispatcher's uplink match the settings: open the
+// interface if needed and configure the addresses; with reopen the link is
+// closed and opened again (a new netfront of the same name).
+func (c *Controller) reconcile(reopen bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.static != nil || c.cfg.UplinkName == "" {
+		return
+	}
+	ip, err1 := netip.ParseAddr(c.uplink.IP)
+	gw, err2 := netip.ParseAddr(c.uplink.Gateway)
+	if err1 != nil || err2 != nil || !ip.Is4() || !gw.Is4() {
+		// No netvm (or broken settings): outbound traffic is dropped.
+		c.d.SetUplink(nil)
+		c.closePortLocked()
+		c.wantRetry = false
+		return
+	}
+	if reopen {
+		c.closePortLocked()
+	}
+	if c.port == nil {
+		l, err := c.cfg.OpenLink(c.cfg.UplinkName)
+		if err != nil {
+			c.d.SetUplink(nil)
+			c.logf("control: uplink %s not available yet: %v", c.cfg.UplinkName, err)
+			c.wantRetry = true
+			return
+		}
+		c.port = c.d.Attach(l)
+		c.portDone = make(chan struct{})
+		go c.serveUplink(c.port, c.portDone)
+	}
+	c.wantRetry = false
+	c.d.SetUplink(&dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()})
+}
+
+func (c *Controller) serveUplink(p *dispatch.Port, done chan struct{}) {
+	err := c.d.Serve(context.Background(), p)
+	close(done)
+	if err != nil && !errors.Is(err, link.ErrClosed) {
+		c.logf("control: uplink %s failed: %v; reopening", p.Link().Name(), err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.port == p {
+		// The link died under us (netvm gone or restarting): forget it
+		// and let Run open it again.
+		c.d.Detach(p)
+		p.Link().Close()
+		c.port = nil
+		c.wantRetry = true
+	}
+}
+
+func (c *Controller) closePortLocked() {
+	if c.port == nil {
+		return
+	}
+	p, done := c.port, c.portDone
+	c.port = nil
+	c.d.Detach(p)
+	p.Link().Close()
+	c.mu.Unlock()
+	<-done
+	c.mu.Lock()
+}
+
+// Run retries opening the uplink every interval while it is wanted but
+// missing, and ticks the dispatcher. It returns when ctx is done, closing
+// the uplink.
+func (c *Controller) Run(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			c.mu.Lock()
+			c.closePortLocked()
+			c.mu.Unlock()
+			return nil
+		case <-t.C:
+		}
+		c.d.Tick()
+		c.mu.Lock()
+		retry := c.wantRetry
+		c.mu.Unlock()
+		if retry {
+			c.reconcile(false)
+		}
+	}
+}
+
+// Describe summarises the state for logs.
+func (c *Controller) Describe() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	up := "down"
+	if c.port != nil {
+		up = fmt.Sprintf("%s ip=%s gw=%s", c.port.Link().Name(), c.uplink.IP, c.uplink.Gateway)
+	}
+	return fmt.Sprintf("uplink %s, %d clients with rules, dns %v", up, len(c.rulesets), c.dns)
+}
