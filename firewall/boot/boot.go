@@ -1,0 +1,194 @@
+// Package boot does what PID 1 owes the kernel in the firewall VM: mount
+// the pseudo filesystems, read the kernel command line, size the Go heap to
+// the VM, reap children, bring interfaces up, and power the VM off (never
+// exit: PID 1 exiting panics the kernel).
+package boot
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mount mounts /proc, /sys and /dev (devtmpfs, where the kernel creates
+// /dev/xen/* and the vif netdevs' nodes). A filesystem already mounted
+// (EBUSY) is fine; anything else fails the boot, since without them
+// nothing else works.
+func Mount() error {
+	for _, m := range []struct{ src, dst, fstype string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := os.MkdirAll(m.dst, 0o755); err != nil {
+			return fmt.Errorf("mkdir %s: %w", m.dst, err)
+		}
+		err := unix.Mount(m.src, m.dst, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, "")
+		if err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.dst, err)
+		}
+	}
+	return nil
+}
+
+// Options are the firewall's settings from the kernel command line. The
+// --ipv4* and --nat-table-size names are qubes-mirage-firewall's, so the
+// same kernelopts work for both.
+type Options struct {
+	// BSD netvm mode (--ipv4, --ipv4-gw): our address and the netvm's, with
+	// the netvm reached as a client instead of through a netfront.
+	IPv4, Gateway netip.Addr
+	DNS           []netip.Addr // --ipv4-dns, --ipv4-dns2
+	NATTableSize  int          // --nat-table-size
+	LogLevel      string       // qgfw.log=info|debug
+	// QubesDB is where QubesDB is reached: "vchan" (Qubes, the default)
+	// or "virtio:NAME" (a virtio-serial port, for testing under QEMU).
+	QubesDB string
+	// Xenstore is "xenbus" (the default) or "virtio:NAME".
+	Xenstore string
+}
+
+// ParseCmdline reads the options from a kernel command line. Tokens it
+// does not know are ignored (they are the kernel's); a known option with a
+// bad value is an error, because a firewall must not start with settings
+// its owner did not ask for.
+func ParseCmdline(cmdline string) (Options, error) {
+	o := Options{QubesDB: "vchan", Xenstore: "xenbus", LogLevel: "info"}
+	for _, tok := range strings.Fields(cmdline) {
+		key, val, hasVal := strings.Cut(tok, "=")
+		var err error
+		switch key {
+		case "--ipv4":
+			o.IPv4, err = parseIPv4(val)
+		case "--ipv4-gw":
+			o.Gateway, err = parseIPv4(val)
+		case "--ipv4-dns", "--ipv4-dns2":
+			var a netip.Addr
+			if a, err = parseIPv4(val); err == nil {
+				o.DNS = append(o.DNS, a)
+			}
+		case "--nat-table-size":
+			o.NATTableSize, err = strconv.Atoi(val)
+			if err == nil && (o.NATTableSize < 64 || o.NATTableSize > 1<<20) {
+				err = errors.New("out of range 64..1048576")
+			}
+		case "qgfw.log":
+			if val != "info" && val != "debug" {
+				err = errors.New("want info or debug")
+			}
+			o.LogLevel = val
+		case "qgfw.qubesdb":
+			o.QubesDB, err = parseTransport(val, "vchan")
+		case "qgfw.xenstore":
+			o.Xenstore, err = parseTransport(val, "xenbus")
+		default:
+			continue
+		}
+		if err == nil && !hasVal {
+			err = errors.New("missing value")
+		}
+		if err != nil {
+			return o, fmt.Errorf("kernel command line %q: %w", tok, err)
+		}
+	}
+	if o.IPv4.IsValid() != o.Gateway.IsValid() {
+		return o, errors.New("kernel command line: --ipv4 and --ipv4-gw go together (BSD netvm mode)")
+	}
+	return o, nil
+}
+
+func parseIPv4(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil || !a.Is4() {
+		return netip.Addr{}, fmt.Errorf("not an IPv4 address: %q", s)
+	}
+	return a, nil
+}
+
+func parseTransport(s, native string) (string, error) {
+	if s == native {
+		return s, nil
+	}
+	if name, ok := strings.CutPrefix(s, "virtio:"); ok && name != "" && !strings.ContainsAny(name, "/.") {
+		return s, nil
+	}
+	return "", fmt.Errorf("want %s or virtio:NAME", native)
+}
+
+// BSD reports whether the options select BSD netvm mode.
+func (o Options) BSD() bool { return o.IPv4.IsValid() }
+
+// SetMemoryLimit sets the Go runtime's soft memory limit to a share of the
+// VM's memory, so the garbage collector works harder instead of the kernel
+// killing PID 1 (which takes the VM down), and returns the limit.
+func SetMemoryLimit() (int64, error) {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 0, fmt.Errorf("sysinfo: %w", err)
+	}
+	total := int64(si.Totalram) * int64(si.Unit)
+	// The kernel, socket buffers and page cache need the rest.
+	limit := total * 6 / 10
+	debug.SetMemoryLimit(limit)
+	return limit, nil
+}
+
+// ReapChildren collects exited children forever. PID 1 inherits every
+// orphan; the firewall starts none, but a zombie must never accumulate.
+func ReapChildren() {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGCHLD)
+	for range ch {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+
+// InterfaceUp sets the IFF_UP flag of a network interface; netfront and
+// netback devices start down.
+func InterfaceUp(name string) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return fmt.Errorf("interface %q: %w", name, err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("get flags of %s: %w", name, err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("set %s up: %w", name, err)
+	}
+	return nil
+}
+
+// Halt ends the VM: power off, or reboot when reboot is set. It flushes
+// the (empty) filesystems first and never returns.
+func Halt(reboot bool) {
+	unix.Sync()
+	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
+	if reboot {
+		cmd = unix.LINUX_REBOOT_CMD_RESTART
+	}
+	if err := unix.Reboot(cmd); err != nil {
+		fmt.Fprintf(os.Stderr, "boot: reboot(%#x): %v\n", cmd, err)
+	}
+	select {}
+}

@@ -1,0 +1,60 @@
+package boot
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestParseCmdline(t *testing.T) {
+	o, err := ParseCmdline("console=hvc0 sysctl.vm.overcommit_memory=1 --ipv4=10.137.0.5 --ipv4-gw=10.137.0.1 --ipv4-dns=10.139.1.1 --ipv4-dns2=10.139.1.2 --nat-table-size=5000 qgfw.log=debug qgfw.qubesdb=virtio:qubesdb\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !o.BSD() || o.IPv4 != netip.MustParseAddr("10.137.0.5") || o.Gateway != netip.MustParseAddr("10.137.0.1") {
+		t.Errorf("addresses %+v", o)
+	}
+	if !slices.Equal(o.DNS, []netip.Addr{netip.MustParseAddr("10.139.1.1"), netip.MustParseAddr("10.139.1.2")}) {
+		t.Errorf("dns %v", o.DNS)
+	}
+	if o.NATTableSize != 5000 || o.LogLevel != "debug" || o.QubesDB != "virtio:qubesdb" || o.Xenstore != "xenbus" {
+		t.Errorf("options %+v", o)
+	}
+	d, err := ParseCmdline("root=/dev/xvda ro quiet")
+	if err != nil || d.BSD() || d.QubesDB != "vchan" || d.LogLevel != "info" {
+		t.Errorf("defaults %+v, %v", d, err)
+	}
+}
+
+func TestParseCmdlineRefusesBadValues(t *testing.T) {
+	for _, c := range []string{
+		"--ipv4=10.137.0.300 --ipv4-gw=10.137.0.1",
+		"--ipv4=::1 --ipv4-gw=10.137.0.1",
+		"--ipv4=10.137.0.5", // gateway missing
+		"--ipv4-dns=example.com",
+		"--nat-table-size=12",
+		"--nat-table-size=many",
+		"--nat-table-size",
+		"qgfw.log=loud",
+		"qgfw.qubesdb=virtio:",
+		"qgfw.qubesdb=virtio:../x",
+		"qgfw.xenstore=tcp:1.2.3.4",
+	} {
+		if _, err := ParseCmdline(c); err == nil {
+			t.Errorf("%q accepted", c)
+		} else if !strings.Contains(err.Error(), "command line") {
+			t.Errorf("%q: error %q does not say where", c, err)
+		}
+	}
+}
+
+func FuzzParseCmdline(f *testing.F) {
+	f.Add("--ipv4=10.137.0.5 --ipv4-gw=10.137.0.1 qgfw.qubesdb=virtio:q")
+	f.Fuzz(func(t *testing.T, s string) {
+		o, err := ParseCmdline(s)
+		if err == nil && o.IPv4.IsValid() && !o.IPv4.Is4() {
+			t.Fatalf("non-IPv4 address accepted from %q", s)
+		}
+	})
+}
