@@ -4,7 +4,7 @@
 set -eu
 
 pkgs="iproute2 dnsmasq-base iperf3 nftables podman runc qemu-system-x86 debootstrap
-uidmap slirp4netns fuse-overlayfs iputils-ping socat openssl cpio mmdebstrap"
+uidmap slirp4netns fuse-overlayfs iputils-ping socat openssl cpio mmdebstrap jq"
 
 missing=""
 for p in $pkgs; do
