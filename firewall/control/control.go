@@ -174,7 +174,12 @@ func (c *Controller) applyUplink(u qubesdb.Uplink) {
 	changed := c.uplink != u
 	moved := c.uplink.IP != u.IP || c.uplink.Gateway != u.Gateway
 	c.uplink = u
-	c.dns = dns
+	if len(dns) > 0 || c.static == nil {
+		// In BSD mode the kernel command line's DNS servers stand
+		// unless QubesDB names others.
+		c.dns = dns
+	}
+	dns = c.dns
 	c.mu.Unlock()
 	c.d.SetDNS(dns)
 	if !changed {

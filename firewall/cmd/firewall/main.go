@@ -74,14 +74,27 @@ type options struct {
 
 func main() {
 	if os.Getpid() == 1 {
-		bootPID1()
+		runPID1()
+		return
+	}
+	if len(os.Args) == 2 && os.Args[1] == poweroffArg {
+		// Run by the kernel (poweroff_cmd) when it took dom0's
+		// poweroff request before we did: pass it on to PID 1.
+		unix.Kill(1, unix.SIGTERM)
 		return
 	}
 	logger := log.New(os.Stderr, "", log.LstdFlags|log.Lmicroseconds)
+	if len(os.Args) > 1 && os.Args[1] == "xen" {
+		os.Exit(runXenCommand(os.Args[2:], logger.Printf))
+	}
 	var o options
 	fs := flag.NewFlagSet("firewall", flag.ExitOnError)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: firewall -uplink IFNAME -client IFNAME=IP[,MAC] ... [flags]
+       firewall xen [flags]      (Qubes mode against xenstore/QubesDB sockets; see firewall xen -h)
+
+As /init (PID 1) in the VM image it runs in Qubes mode on its own: see the
+README for the kernel command line options.
 
 Runs the qubes-go-firewall forwarding engine as an ordinary Linux process:
 frames are read and written on the named interfaces with AF_PACKET sockets;
@@ -255,14 +268,4 @@ func natSize(n int) int {
 	}
 	avail := int(si.Totalram) * int(si.Unit) / 8 / 256
 	return max(4096, min(avail, 65536))
-}
-
-// bootPID1 is the image's boot until Xen discovery lands: announce, power off.
-func bootPID1() {
-	fmt.Fprintf(os.Stderr, "qubes-go-firewall: started (pid %d)\n", os.Getpid())
-	unix.Sync()
-	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
-		fmt.Fprintf(os.Stderr, "qubes-go-firewall: poweroff: %v\n", err)
-	}
-	select {}
 }

@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesvm"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/vchan"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+	"golang.org/x/sys/unix"
+)
+
+// poweroffArg is what the kernel runs us with (poweroff_cmd) when it
+// handled dom0's poweroff request itself.
+const poweroffArg = "--poweroff"
+
+// qubesDBPort is QubesDB's vchan port; dom0 is the server.
+const qubesDBPort = 111
+
+// runPID1 boots the VM and runs the firewall in Qubes mode. It never
+// returns: the VM powers off (or reboots) when the firewall stops, and on
+// any error that leaves it unable to filter — a firewall that cannot
+// enforce its rules must not pretend to run.
+func runPID1() {
+	logger := log.New(os.Stderr, "qubes-go-firewall: ", log.Lmicroseconds)
+	logf := logger.Printf
+	logf("started (pid %d)", os.Getpid())
+	// Signals first: the kernel turns ctrl-alt-del (dom0 "reboot" taken
+	// by the kernel's own handler) into SIGINT once CAD is off.
+	sig := make(chan os.Signal, 2)
+	signal.Notify(sig, unix.SIGTERM, unix.SIGINT)
+	if err := boot.Mount(); err != nil {
+		fatal(logf, err)
+	}
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
+		logf("ctrl-alt-del off: %v", err)
+	}
+	if err := os.WriteFile("/proc/sys/kernel/poweroff_cmd", []byte("/init "+poweroffArg), 0); err != nil {
+		logf("poweroff_cmd: %v", err)
+	}
+	go boot.ReapChildren()
+	cmdline, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		fatal(logf, fmt.Errorf("read kernel command line: %w", err))
+	}
+	opts, err := boot.ParseCmdline(string(cmdline))
+	if err != nil {
+		fatal(logf, err)
+	}
+	if limit, err := boot.SetMemoryLimit(); err != nil {
+		logf("memory limit: %v", err)
+	} else {
+		logf("memory limit %d MiB", limit>>20)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var reboot atomic.Bool
+	go func() {
+		s := <-sig
+		reboot.Store(s == unix.SIGINT)
+		logf("%v: stopping", s)
+		cancel()
+	}()
+
+	xs, err := dialXenstore(opts.Xenstore)
+	if err != nil {
+		fatal(logf, err)
+	}
+	cfg := qubesvm.Config{
+		XS:           xs,
+		QubesDB:      qubesDBDialer(opts.QubesDB, xs),
+		OpenLink:     qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
+		Uplink:       "eth0",
+		BSDIP:        opts.IPv4,
+		BSDGateway:   opts.Gateway,
+		BSDDNS:       opts.DNS,
+		NATTableSize: natSize(opts.NATTableSize),
+		StatsEvery:   time.Minute,
+		Logf:         logf,
+	}
+	req, err := qubesvm.Run(ctx, cfg)
+	if err != nil {
+		fatal(logf, err)
+	}
+	if req == "reboot" {
+		reboot.Store(true)
+	}
+	logf("halting (reboot %v)", reboot.Load())
+	boot.Halt(reboot.Load())
+}
+
+func fatal(logf func(string, ...any), err error) {
+	logf("fatal: %v; powering off", err)
+	boot.Halt(false)
+}
+
+// dialXenstore opens xenstore: the xenbus device in Qubes, a virtio-serial
+// port under test.
+func dialXenstore(transport string) (*xenstore.Client, error) {
+	if name, ok := strings.CutPrefix(transport, "virtio:"); ok {
+		f, err := openVirtioPort(context.Background(), name)
+		if err != nil {
+			return nil, err
+		}
+		return xenstore.New(f), nil
+	}
+	return xenstore.Dial(xenstore.DevicePath)
+}
+
+// qubesDBDialer connects to dom0's QubesDB: over vchan in Qubes, over a
+// virtio-serial port under test. Same protocol, same client.
+func qubesDBDialer(transport string, xs *xenstore.Client) func(context.Context) (io.ReadWriteCloser, error) {
+	if name, ok := strings.CutPrefix(transport, "virtio:"); ok {
+		return func(ctx context.Context) (io.ReadWriteCloser, error) { return openVirtioPort(ctx, name) }
+	}
+	return vchan.Dialer(qubesvm.StoreAdapter{XS: xs}, 0, qubesDBPort)
+}
+
+// openVirtioPort opens the virtio-serial port named name, waiting for it
+// to appear. Without udev there is no /dev/virtio-ports/NAME link: the
+// name is in /sys/class/virtio-ports/vportNpM/name and the device node is
+// /dev/vportNpM (devtmpfs).
+func openVirtioPort(ctx context.Context, name string) (io.ReadWriteCloser, error) {
+	for {
+		ports, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
+		for _, p := range ports {
+			if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == name {
+				dev := "/dev/" + filepath.Base(filepath.Dir(p))
+				f, err := os.OpenFile(dev, os.O_RDWR, 0)
+				if err != nil {
+					return nil, fmt.Errorf("open virtio port %s (%s): %w", name, dev, err)
+				}
+				return f, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("virtio port %s: %w", name, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// runXenCommand runs Qubes mode as an ordinary process, against xenstore
+// and QubesDB served on unix sockets (the in-repo fakes in tests).
+func runXenCommand(args []string, logf func(string, ...any)) int {
+	fs := flag.NewFlagSet("firewall xen", flag.ContinueOnError)
+	xsPath := fs.String("xenstore", xenstore.DevicePath, "xenstore: the xenbus device or a unix socket")
+	qdbPath := fs.String("qubesdb-peer", "", "QubesDB as dom0 serves it: a unix socket speaking the peer protocol (empty: vchan)")
+	uplink := fs.String("uplink", "eth0", "netfront interface")
+	bsdIP := fs.String("ipv4", "", "BSD netvm mode: our address (with -ipv4-gw)")
+	bsdGW := fs.String("ipv4-gw", "", "BSD netvm mode: the netvm's address")
+	natSz := fs.Int("nat-table-size", 0, "NAT table entries (0: sized from memory)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: firewall xen [flags]\n\nRuns the firewall as in a Qubes VM: clients from xenstore backend/vif, rules\nand uplink settings from QubesDB as dom0 pushes them, dom0's shutdown\nrequests honoured. Flags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	xs, err := xenstore.Dial(*xsPath)
+	if err != nil {
+		logf("firewall: %v", err)
+		return 1
+	}
+	defer xs.Close()
+	dial := qubesDBDialer("vchan", xs)
+	if *qdbPath != "" {
+		dial = func(ctx context.Context) (io.ReadWriteCloser, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", *qdbPath)
+		}
+	}
+	cfg := qubesvm.Config{
+		XS: xs, QubesDB: dial, Uplink: *uplink,
+		OpenLink:     qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
+		NATTableSize: natSize(*natSz), StatsEvery: 5 * time.Second, Logf: logf,
+	}
+	for _, a := range []struct {
+		s   string
+		dst *netip.Addr
+	}{{*bsdIP, &cfg.BSDIP}, {*bsdGW, &cfg.BSDGateway}} {
+		if a.s == "" {
+			continue
+		}
+		v, err := netip.ParseAddr(a.s)
+		if err != nil || !v.Is4() {
+			logf("firewall: bad address %q", a.s)
+			return 2
+		}
+		*a.dst = v
+	}
+	if cfg.BSDIP.IsValid() != cfg.BSDGateway.IsValid() {
+		logf("firewall: -ipv4 and -ipv4-gw go together")
+		return 2
+	}
+	req, err := qubesvm.Run(ctx, cfg)
+	if err != nil {
+		logf("firewall: %v", err)
+		return 1
+	}
+	logf("firewall: stopped (%s)", req)
+	return 0
+}

@@ -1,0 +1,245 @@
+// Package qubesvm runs the firewall as a Qubes VM: clients are discovered
+// through xenstore (backend/vif), QubesDB is reached as dom0's peer (over
+// vchan in Qubes), the uplink is the netfront eth0 — or, in BSD netvm mode,
+// the netvm's own vif — and dom0's shutdown requests end the run.
+//
+// Transports are injected, so the same code runs against the in-repo fakes
+// over unix sockets in tests: only how the bytes travel differs.
+package qubesvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dns"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/vifs"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+)
+
+// Config describes one run.
+type Config struct {
+	XS      *xenstore.Client
+	QubesDB func(context.Context) (io.ReadWriteCloser, error) // dom0 peer connection
+	// OpenLink opens a network interface once it exists (waiting for it
+	// until ctx ends) and brings it up.
+	OpenLink func(ctx context.Context, name string) (link.Link, error)
+	Uplink   string // the netfront: "eth0"
+
+	// BSD netvm mode: no netfront; the netvm is the client whose IP is
+	// Gateway and our address is IP.
+	BSDIP, BSDGateway netip.Addr
+	BSDDNS            []netip.Addr
+
+	NATTableSize int
+	StatsEvery   time.Duration
+	Logf         func(string, ...any)
+}
+
+// Run runs the firewall until ctx ends or dom0 asks the VM to stop, and
+// returns dom0's request ("poweroff", "reboot", ...) or "" when ctx ended.
+func Run(ctx context.Context, cfg Config) (string, error) {
+	logf := cfg.Logf
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: cfg.NATTableSize}})
+	uplink := cfg.Uplink
+	if cfg.BSDIP.IsValid() {
+		uplink = "" // the uplink is the netvm's vif, attached by discovery
+	}
+	ctl := control.New(control.Config{
+		Dispatcher: d,
+		UplinkName: uplink,
+		OpenLink: func(name string) (link.Link, error) {
+			// The netfront exists or not; control retries every second.
+			ctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+			defer cancel()
+			return cfg.OpenLink(ctx, name)
+		},
+		Logf: logf,
+	})
+	res := dns.New(dns.Config{
+		Servers: ctl.DNS,
+		Listen: func() (dns.Conn, error) {
+			c, err := d.ListenUDP()
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		OnChange: d.Recheck,
+		Logf:     logf,
+	})
+	d.SetResolver(res)
+	ctl.SetResolver(res)
+
+	shutdown, err := xenstore.WatchShutdown(ctx, cfg.XS, logf)
+	if err != nil {
+		return "", fmt.Errorf("watch shutdown requests: %w", err)
+	}
+
+	var wg sync.WaitGroup
+	defer func() {
+		cancel() // stop every goroutine before waiting for them
+		wg.Wait()
+	}()
+	att := &attacher{ctx: ctx, d: d, ctl: ctl, cfg: cfg, wg: &wg, logf: logf}
+	errc := make(chan error, 2)
+	wg.Go(func() { res.Run(ctx) })
+	wg.Go(func() { ctl.Run(ctx, time.Second) })
+	wg.Go(func() {
+		db := qubesdb.NewClient(cfg.QubesDB, qubesdb.Peer, logf)
+		if err := db.Run(ctx, qubesdb.NewMirror(ctl.Handle)); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("qubesdb: %w", err)
+		}
+	})
+	wg.Go(func() {
+		err := vifs.Run(ctx, vifs.Config{XS: cfg.XS, Attacher: att, Links: linksFunc(cfg.OpenLink), Logf: logf})
+		if err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("client discovery: %w", err)
+		}
+	})
+	if cfg.StatsEvery > 0 {
+		wg.Go(func() { logStats(ctx, d, ctl, cfg.StatsEvery, logf) })
+	}
+	logf("qubesvm: running (uplink %s, bsd %v)", cfg.Uplink, cfg.BSDIP.IsValid())
+	select {
+	case <-ctx.Done():
+		return "", nil
+	case req, ok := <-shutdown:
+		if !ok {
+			return "", errors.New("xenstore connection lost")
+		}
+		logf("qubesvm: dom0 asks to %s", req)
+		return req, nil
+	case err := <-errc:
+		return "", err
+	}
+}
+
+// attacher connects vifs' discovered clients to the dispatcher.
+type attacher struct {
+	ctx  context.Context
+	d    *dispatch.Dispatcher
+	ctl  *control.Controller
+	cfg  Config
+	wg   *sync.WaitGroup
+	logf func(string, ...any)
+}
+
+var _ vifs.Attacher = (*attacher)(nil)
+
+func (a *attacher) AddClient(ip [4]byte, mac [6]byte, l link.Link) (func(), error) {
+	p := a.d.Attach(l)
+	if err := a.d.AddClient(ip, mac, p); err != nil {
+		a.d.Detach(p)
+		l.Close()
+		return nil, err
+	}
+	done := make(chan struct{})
+	a.wg.Go(func() {
+		defer close(done)
+		if err := a.d.Serve(a.ctx, p); err != nil && a.ctx.Err() == nil {
+			a.logf("qubesvm: client %v on %s: %v", netip.AddrFrom4(ip), l.Name(), err)
+		}
+	})
+	bsdGateway := a.cfg.BSDIP.IsValid() && ip == a.cfg.BSDGateway.As4()
+	if bsdGateway {
+		a.logf("qubesvm: netvm %v attached on %s: uplink (BSD mode)", netip.AddrFrom4(ip), l.Name())
+		a.ctl.SetStaticUplink(&dispatch.Uplink{Port: p, IP: a.cfg.BSDIP.As4(), Gateway: ip}, a.cfg.BSDDNS)
+	}
+	return func() {
+		a.d.RemoveClient(ip)
+		a.d.Detach(p)
+		l.Close()
+		<-done
+	}, nil
+}
+
+type linksFunc func(ctx context.Context, name string) (link.Link, error)
+
+func (f linksFunc) Open(ctx context.Context, name string) (link.Link, error) { return f(ctx, name) }
+
+// OpenAFPacket returns an OpenLink that waits for the interface to appear
+// in /sys/class/net, brings it up with up and opens it with AF_PACKET.
+func OpenAFPacket(up func(name string) error, cfg afpacket.Config) func(ctx context.Context, name string) (link.Link, error) {
+	return func(ctx context.Context, name string) (link.Link, error) {
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if _, err := os.Stat("/sys/class/net/" + name); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return nil, fmt.Errorf("interface %s: %w", name, ctx.Err())
+			case <-t.C:
+			}
+		}
+		if err := up(name); err != nil {
+			return nil, err
+		}
+		return afpacket.Open(name, cfg)
+	}
+}
+
+func logStats(ctx context.Context, d *dispatch.Dispatcher, ctl *control.Controller, every time.Duration, logf func(string, ...any)) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s := d.Stats()
+		logf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s", ctl.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String())
+	}
+}
+
+// StoreAdapter gives package vchan the xenstore access it needs.
+type StoreAdapter struct{ XS *xenstore.Client }
+
+func (s StoreAdapter) Read(path string) (string, error) { return s.XS.Read(path) }
+func (s StoreAdapter) Write(path, value string) error   { return s.XS.Write(path, value) }
+func (s StoreAdapter) Rm(path string) error             { return s.XS.Rm(path) }
+
+// Watch turns xenstore watch events into the bare wake-ups vchan waits on.
+func (s StoreAdapter) Watch(ctx context.Context, path string) (<-chan struct{}, error) {
+	events, cancel, err := s.XS.Watch(path, "qgfw-vchan-"+path)
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan struct{}, 1)
+	go func() {
+		defer close(out)
+		defer cancel()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case _, ok := <-events:
+				if !ok {
+					return
+				}
+				select {
+				case out <- struct{}{}:
+				default: // a wake-up is already pending
+				}
+			}
+		}
+	}()
+	return out, nil
+}
