@@ -36,7 +36,7 @@ const qubesDBPort = 111
 // any error that leaves it unable to filter — a firewall that cannot
 // enforce its rules must not pretend to run.
 func runPID1() {
-	logger := log.New(os.Stderr, "qubes-go-firewall: ", log.Lmicroseconds)
+	logger := log.New(os.Stderr, "qubes-go-firewall: ", log.Lmicroseconds|log.Lmsgprefix)
 	logf := logger.Printf
 	logf("started (pid %d)", os.Getpid())
 	// Signals first: the kernel turns ctrl-alt-del (dom0 "reboot" taken
