@@ -7,13 +7,16 @@ package boot
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -54,6 +57,17 @@ type Options struct {
 	QubesDB string
 	// Xenstore is "xenbus" (the default) or "virtio:NAME".
 	Xenstore string
+	// Rename lists interfaces to rename by MAC before anything starts
+	// (qgfw.ifname=MAC=NAME). Under QEMU the NICs come up as ethN; this
+	// gives them the vif<domid>.<devid> names netback would, so that
+	// discovery runs unchanged.
+	Rename []Rename
+}
+
+// Rename is one qgfw.ifname option.
+type Rename struct {
+	MAC  [6]byte
+	Name string
 }
 
 // ParseCmdline reads the options from a kernel command line. Tokens it
@@ -89,6 +103,11 @@ func ParseCmdline(cmdline string) (Options, error) {
 			o.QubesDB, err = parseTransport(val, "vchan")
 		case "qgfw.xenstore":
 			o.Xenstore, err = parseTransport(val, "xenbus")
+		case "qgfw.ifname":
+			var r Rename
+			if r, err = parseRename(val); err == nil {
+				o.Rename = append(o.Rename, r)
+			}
 		default:
 			continue
 		}
@@ -111,6 +130,65 @@ func parseIPv4(s string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("not an IPv4 address: %q", s)
 	}
 	return a, nil
+}
+
+func parseRename(s string) (Rename, error) {
+	i := strings.LastIndexByte(s, '=')
+	if i < 0 {
+		return Rename{}, errors.New("want MAC=NAME")
+	}
+	var r Rename
+	m, err := net.ParseMAC(s[:i])
+	if err != nil || len(m) != 6 {
+		return r, fmt.Errorf("bad MAC %q", s[:i])
+	}
+	copy(r.MAC[:], m)
+	r.Name = s[i+1:]
+	if r.Name == "" || len(r.Name) >= unix.IFNAMSIZ || strings.ContainsAny(r.Name, "/ \t") {
+		return r, fmt.Errorf("bad interface name %q", r.Name)
+	}
+	return r, nil
+}
+
+// RenameInterfaces applies the renames: the interface with each MAC gets
+// its new name (it must still be down).
+func RenameInterfaces(renames []Rename) error {
+	for _, r := range renames {
+		addrs, _ := filepath.Glob("/sys/class/net/*/address")
+		old := ""
+		for _, a := range addrs {
+			b, err := os.ReadFile(a)
+			if err != nil {
+				continue
+			}
+			if m, err := net.ParseMAC(strings.TrimSpace(string(b))); err == nil && len(m) == 6 && [6]byte(m) == r.MAC {
+				old = filepath.Base(filepath.Dir(a))
+			}
+		}
+		if old == "" {
+			return fmt.Errorf("rename to %s: no interface with MAC %x", r.Name, r.MAC)
+		}
+		if err := renameInterface(old, r.Name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func renameInterface(old, name string) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	// struct ifreq: the old name, then ifr_newname in the union.
+	var ifr [40]byte
+	copy(ifr[:unix.IFNAMSIZ-1], old)
+	copy(ifr[unix.IFNAMSIZ:unix.IFNAMSIZ*2-1], name)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCSIFNAME, uintptr(unsafe.Pointer(&ifr[0]))); errno != 0 {
+		return fmt.Errorf("rename %s to %s: %w", old, name, errno)
+	}
+	return nil
 }
 
 func parseTransport(s, native string) (string, error) {

@@ -21,6 +21,10 @@ func TestParseCmdline(t *testing.T) {
 	if o.NATTableSize != 5000 || o.LogLevel != "debug" || o.QubesDB != "virtio:qubesdb" || o.Xenstore != "xenbus" {
 		t.Errorf("options %+v", o)
 	}
+	r, err := ParseCmdline("qgfw.ifname=52:54:00:00:00:02=vif2.0 qgfw.ifname=52:54:00:00:00:03=vif3.0")
+	if err != nil || len(r.Rename) != 2 || r.Rename[1] != (Rename{MAC: [6]byte{0x52, 0x54, 0, 0, 0, 3}, Name: "vif3.0"}) {
+		t.Errorf("renames %+v, %v", r.Rename, err)
+	}
 	d, err := ParseCmdline("root=/dev/xvda ro quiet")
 	if err != nil || d.BSD() || d.QubesDB != "vchan" || d.LogLevel != "info" {
 		t.Errorf("defaults %+v, %v", d, err)
@@ -40,6 +44,9 @@ func TestParseCmdlineRefusesBadValues(t *testing.T) {
 		"qgfw.qubesdb=virtio:",
 		"qgfw.qubesdb=virtio:../x",
 		"qgfw.xenstore=tcp:1.2.3.4",
+		"qgfw.ifname=52:54:00:00:00:02",
+		"qgfw.ifname=zz=vif2.0",
+		"qgfw.ifname=52:54:00:00:00:02=averyveryverylongname",
 	} {
 		if _, err := ParseCmdline(c); err == nil {
 			t.Errorf("%q accepted", c)

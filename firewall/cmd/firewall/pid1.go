@@ -61,6 +61,9 @@ func runPID1() {
 	if err != nil {
 		fatal(logf, err)
 	}
+	if err := boot.RenameInterfaces(opts.Rename); err != nil {
+		fatal(logf, err)
+	}
 	if limit, err := boot.SetMemoryLimit(); err != nil {
 		logf("memory limit: %v", err)
 	} else {
