@@ -312,3 +312,23 @@ func (c *Controller) Describe() string {
 	}
 	return fmt.Sprintf("uplink %s, %d clients with rules, dns %v", up, len(c.rulesets), c.dns)
 }
+
+// LogStats logs the dispatcher's counters, the controller's state and
+// extra() (e.g. link counters; may be nil) every interval until ctx ends.
+func (c *Controller) LogStats(ctx context.Context, every time.Duration, extra func() string) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s := c.d.Stats()
+		line := fmt.Sprintf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s", c.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String())
+		if extra != nil {
+			line += "; " + extra()
+		}
+		c.logf("%s", line)
+	}
+}

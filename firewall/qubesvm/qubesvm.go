@@ -112,7 +112,7 @@ func Run(ctx context.Context, cfg Config) (string, error) {
 		}
 	})
 	if cfg.StatsEvery > 0 {
-		wg.Go(func() { logStats(ctx, d, ctl, cfg.StatsEvery, logf) })
+		wg.Go(func() { ctl.LogStats(ctx, cfg.StatsEvery, nil) })
 	}
 	logf("qubesvm: running (uplink %s, bsd %v)", cfg.Uplink, cfg.BSDIP.IsValid())
 	select {
@@ -192,20 +192,6 @@ func OpenAFPacket(up func(name string) error, cfg afpacket.Config) func(ctx cont
 			return nil, err
 		}
 		return afpacket.Open(name, cfg)
-	}
-}
-
-func logStats(ctx context.Context, d *dispatch.Dispatcher, ctl *control.Controller, every time.Duration, logf func(string, ...any)) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s := d.Stats()
-		logf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s", ctl.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String())
 	}
 }
 

@@ -194,26 +194,12 @@ func run(o options, logf func(string, ...any)) error {
 		}
 	}()
 	if o.statsEvery > 0 {
-		go logStats(ctx, d, ctl, ls, o.statsEvery, logf)
+		go ctl.LogStats(ctx, o.statsEvery, func() string { return "links: " + ls.describe() })
 	}
 	logf("firewall: running (uplink %s, %d clients, qubesdb %s)", o.uplink, len(o.clients), o.qubesdb)
 	<-ctx.Done()
 	logf("firewall: shutting down")
 	return nil
-}
-
-func logStats(ctx context.Context, d *dispatch.Dispatcher, ctl *control.Controller, ls *linkSet, every time.Duration, logf func(string, ...any)) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s := d.Stats()
-		logf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s; links: %s", ctl.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String(), ls.describe())
-	}
 }
 
 // linkSet remembers the AF_PACKET links opened, for their counters.
