@@ -1,6 +1,9 @@
 package dispatch
 
 import (
+	"net"
+	"net/netip"
+
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 )
@@ -26,7 +29,7 @@ func (p *Port) uplinkARP(u *Uplink, frame []byte) {
 	if a.SenderIP() == u.Gateway {
 		if mac := a.SenderMAC(); mac[0]&1 == 0 && mac != [6]byte{} && (mac != d.gwMAC || !d.gwKnown) {
 			d.gwMAC, d.gwKnown = mac, true
-			d.logf("dispatch: gateway %v is at %x", u.Gateway, mac)
+			d.logf("dispatch: gateway %v is at %v", netip.AddrFrom4(u.Gateway), net.HardwareAddr(mac[:]))
 		}
 	}
 	if a.Op() == header.ARPRequest && a.TargetIP() == u.IP {
