@@ -1,0 +1,148 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
+)
+
+// prepareContext lays out the build context the Containerfile expects:
+//
+//	Containerfile
+//	inputs/linux-source.deb       pinned Debian kernel source package
+//	inputs/go-toolchain.zip       pinned golang.org/toolchain module zip
+//	inputs/goproxy-firewall/      offline module proxy for firewall/
+//	inputs/goproxy-root/          offline module proxy for cmd/mkinitramfs
+//	src/builder/kernel/           kernel config fragment and build script
+//	src/firewall/                 the firewall packages /init is built from
+//	src/root/                     the root module packages of mkinitramfs
+//
+// Only the packages a stage builds are copied, so that a change elsewhere
+// does not invalidate its cached layers.
+func prepareContext(ctx context.Context, cache *inputs.Cache, opts Options, dir string, info *BuildInfo) error {
+	src := opts.SourceDir
+	if err := copyFile(filepath.Join(src, "Containerfile"), filepath.Join(dir, "Containerfile")); err != nil {
+		return err
+	}
+	deb, err := cache.Fetch(ctx, opts.Pins.LinuxSource)
+	if err != nil {
+		return err
+	}
+	if err := linkOrCopy(deb, filepath.Join(dir, "inputs", "linux-source.deb")); err != nil {
+		return err
+	}
+	info.addFile(opts.Pins.LinuxSource)
+
+	proxy := &inputs.GoProxy{Cache: cache, URL: opts.GoProxy}
+	tc := opts.Pins.GoToolchain
+	zip, err := proxy.Ensure(ctx, &tc, true)
+	if err != nil {
+		return err
+	}
+	if err := linkOrCopy(zip, filepath.Join(dir, "inputs", "go-toolchain.zip")); err != nil {
+		return err
+	}
+	info.addModule("toolchain", &tc)
+
+	for _, m := range []struct{ name, modDir, pkg string }{
+		{"firewall", filepath.Join(src, "firewall"), "cmd/firewall"},
+		{"root", src, "cmd/mkinitramfs"},
+	} {
+		proxyDir := filepath.Join(dir, "inputs", "goproxy-"+m.name)
+		if err := os.MkdirAll(proxyDir, 0o755); err != nil {
+			return fmt.Errorf("build context: %w", err)
+		}
+		mods, local, err := proxy.Offline(ctx, m.modDir, []string{m.pkg}, proxyDir)
+		if err != nil {
+			return fmt.Errorf("offline Go modules for %s: %w", m.name, err)
+		}
+		for _, mod := range mods {
+			info.addModule(m.name, mod)
+		}
+		dst := filepath.Join(dir, "src", m.name)
+		for _, f := range []string{"go.mod", "go.sum"} {
+			if _, err := os.Stat(filepath.Join(m.modDir, f)); err == nil {
+				if err := copyFile(filepath.Join(m.modDir, f), filepath.Join(dst, f)); err != nil {
+					return err
+				}
+			}
+		}
+		for _, rel := range local {
+			if err := copyDir(filepath.Join(m.modDir, filepath.FromSlash(rel)), filepath.Join(dst, filepath.FromSlash(rel)), true); err != nil {
+				return err
+			}
+		}
+	}
+	return copyDir(filepath.Join(src, "builder", "kernel"), filepath.Join(dir, "src", "builder", "kernel"), false)
+}
+
+// copyDir copies the regular files directly in from (not subdirectories);
+// goOnly skips Go test files, which no stage builds.
+func copyDir(from, to string, goOnly bool) error {
+	ents, err := os.ReadDir(from)
+	if err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if !e.Type().IsRegular() || goOnly && filepath.Ext(n) == ".go" && len(n) > 8 && n[len(n)-8:] == "_test.go" {
+			continue
+		}
+		if err := copyFile(filepath.Join(from, n), filepath.Join(to, n)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyFile copies a file with mode 0755 if it is executable, else 0644,
+// whatever the umask.
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	mode := os.FileMode(0o644)
+	if st.Mode()&0o111 != 0 {
+		mode = 0o755
+	}
+	if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	out, err := os.OpenFile(to, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
+	if err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	_, err = io.Copy(out, in)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(to, mode)
+	}
+	if err != nil {
+		return fmt.Errorf("build context %s: %w", to, err)
+	}
+	return nil
+}
+
+// linkOrCopy hard-links a cached input into the context (they share the
+// cache's file system), copying if that fails.
+func linkOrCopy(from, to string) error {
+	if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+		return fmt.Errorf("build context: %w", err)
+	}
+	if os.Link(from, to) == nil {
+		return nil
+	}
+	return copyFile(from, to)
+}
