@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
 	"net"
 	"os"
 	"os/exec"
@@ -23,21 +24,21 @@ import (
 // Taps belong to one QEMU run: wire configures the new ones after a boot.
 type benchTopo struct {
 	tag            string
-	up, cl         *netns
+	up, cl         *netnstest.NS
 	uplink, client *nic
 }
 
 func newBenchTopo(t *testing.T, tag string) *benchTopo {
 	t.Helper()
-	b := &benchTopo{tag: tag, up: newNetns(t, tag+"u"), cl: newNetns(t, tag+"c")}
+	b := &benchTopo{tag: tag, up: netnstest.New(t, tag+"u"), cl: netnstest.New(t, tag+"c")}
 	// The client NIC has netback's MAC, the one Qubes clients have as
 	// their static gateway neighbour: the comparison VM's kernel then
 	// accepts the client's frames as it would in Qubes.
 	b.uplink = &nic{mac: "00:16:3e:5e:6c:05", ns: b.up}
 	b.client = &nic{mac: gatewayMAC, rename: "vif2.0", ns: b.cl}
-	b.up.ip(t, "addr", "add", serverIP+"/32", "dev", "lo")
-	(&echoServer{}).start(t, b.up, serverIP+":7")
-	start(t, "iperf3 server", b.up.exec(context.Background(), "iperf3", "-s", "-B", serverIP))
+	b.up.IP(t, "addr", "add", serverIP+"/32", "dev", "lo")
+	(&netnstest.Echo{}).Start(t, b.up, serverIP+":7")
+	netnstest.Start(t, "iperf3 server", b.up.Command(context.Background(), "iperf3", "-s", "-B", serverIP))
 	return b
 }
 
@@ -45,14 +46,14 @@ func newBenchTopo(t *testing.T, tag string) *benchTopo {
 // gone, that is when the VM has already stopped.
 func (b *benchTopo) wire() error {
 	for _, c := range [][]string{
-		{"-n", b.up.name, "addr", "add", netvm1IP + "/24", "dev", b.uplink.tap},
+		{"-n", b.up.Name, "addr", "add", netvm1IP + "/24", "dev", b.uplink.tap},
 		// Only the comparison VM needs it: it routes without NAT.
-		{"-n", b.up.name, "route", "add", client2IP + "/32", "via", fwIP1, "dev", b.uplink.tap, "onlink"},
-		{"-n", b.cl.name, "link", "set", b.client.tap, "address", clientMAC},
-		{"-n", b.cl.name, "addr", "add", client2IP + "/32", "dev", b.client.tap},
-		{"-n", b.cl.name, "route", "add", fwIP1, "dev", b.client.tap},
-		{"-n", b.cl.name, "neigh", "replace", fwIP1, "lladdr", gatewayMAC, "dev", b.client.tap, "nud", "permanent"},
-		{"-n", b.cl.name, "route", "add", "default", "via", fwIP1, "dev", b.client.tap, "onlink"},
+		{"-n", b.up.Name, "route", "add", client2IP + "/32", "via", fwIP1, "dev", b.uplink.tap, "onlink"},
+		{"-n", b.cl.Name, "link", "set", b.client.tap, "address", clientMAC},
+		{"-n", b.cl.Name, "addr", "add", client2IP + "/32", "dev", b.client.tap},
+		{"-n", b.cl.Name, "route", "add", fwIP1, "dev", b.client.tap},
+		{"-n", b.cl.Name, "neigh", "replace", fwIP1, "lladdr", gatewayMAC, "dev", b.client.tap, "nud", "permanent"},
+		{"-n", b.cl.Name, "route", "add", "default", "via", fwIP1, "dev", b.client.tap, "onlink"},
 	} {
 		if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
 			return fmt.Errorf("ip %s: %v: %s", strings.Join(c, " "), err, out)
@@ -129,7 +130,7 @@ func bootAndForward(t *testing.T, img *image, b *benchTopo, mem int, keep bool) 
 // back. It gives up when the VM stops or after 90 s.
 func firstForward(f *firewallVM, b *benchTopo) (time.Duration, error) {
 	var c net.Conn
-	if err := b.cl.do(func() (err error) { c, err = net.Dial("udp4", serverIP+":7"); return }); err != nil {
+	if err := b.cl.Do(func() (err error) { c, err = net.Dial("udp4", serverIP+":7"); return }); err != nil {
 		return 0, err
 	}
 	defer c.Close()
@@ -175,7 +176,7 @@ func diagnosis(console string) string {
 	}
 	if len(picked) == 0 {
 		var rest []string
-		for line := range strings.Lines(tail(console, 4)) {
+		for line := range strings.Lines(netnstest.Tail(console, 4)) {
 			if !strings.Contains(line, "QEMU waiting for connection") && strings.TrimSpace(line) != "" {
 				rest = append(rest, strings.TrimSpace(line))
 			}
@@ -312,7 +313,7 @@ func TestImageBench(t *testing.T) {
 			if !kv.running() {
 				t.Fatalf("the kernel-forwarding VM stopped: %v", kv.exitErr)
 			}
-			return strings.Contains(kv.console.String(), forwarderReady) && udpEcho(tk.cl, serverIP+":7") == nil
+			return strings.Contains(kv.console.String(), forwarderReady) && netnstest.UDPEcho(tk.cl, serverIP+":7") == nil
 		})
 		res := map[string][]float64{}
 		frames := map[string][2]uint64{} // bytes and frames the netvm received
@@ -364,10 +365,10 @@ func TestImageBench(t *testing.T) {
 
 // iperf runs one iperf3 TCP test from n to the server and returns the
 // receiver's bits/s.
-func iperf(n *netns, secs int) (float64, error) {
+func iperf(n *netnstest.NS, secs int) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+60)*time.Second)
 	defer cancel()
-	out, err := n.exec(ctx, "iperf3", "-c", serverIP, "-t", strconv.Itoa(secs), "-J").Output()
+	out, err := n.Command(ctx, "iperf3", "-c", serverIP, "-t", strconv.Itoa(secs), "-J").Output()
 	var r struct {
 		Error string
 		End   struct {
@@ -377,15 +378,15 @@ func iperf(n *netns, secs int) (float64, error) {
 		}
 	}
 	if jerr := json.Unmarshal(out, &r); jerr != nil || r.Error != "" || err != nil {
-		return 0, fmt.Errorf("iperf3: %v %s %v: %s", err, r.Error, jerr, tail(string(out), 10))
+		return 0, fmt.Errorf("iperf3: %v %s %v: %s", err, r.Error, jerr, netnstest.Tail(string(out), 10))
 	}
 	return r.End.SumReceived.BitsPerSecond, nil
 }
 
 // tapRx reads the bytes and frames tap in n has received from the VM.
-func tapRx(n *netns, tap string) (bytes, frames uint64) {
+func tapRx(n *netnstest.NS, tap string) (bytes, frames uint64) {
 	read := func(stat string) uint64 {
-		out, _ := n.exec(context.Background(), "cat", "/sys/class/net/"+tap+"/statistics/"+stat).Output()
+		out, _ := n.Command(context.Background(), "cat", "/sys/class/net/"+tap+"/statistics/"+stat).Output()
 		v, _ := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 64)
 		return v
 	}

@@ -2,6 +2,7 @@ package imagetest
 
 import (
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
 	"os"
 	"strconv"
 	"strings"
@@ -30,7 +31,7 @@ type firewallVM struct {
 type clientVM struct {
 	domid int
 	ip    string
-	ns    *netns
+	ns    *netnstest.NS
 	nic   *nic
 }
 
@@ -50,7 +51,7 @@ func bootFirewall(t *testing.T, img *image, tag string, mem int, uplink *nic, cl
 		f.xs.Close()
 		f.db.Close()
 		if t.Failed() && f.host.Len() > 0 {
-			t.Logf("--- xenstore/QubesDB fakes:\n%s", tail(f.host.String(), 40))
+			t.Logf("--- xenstore/QubesDB fakes:\n%s", netnstest.Tail(f.host.String(), 40))
 		}
 	})
 	nics := []*nic{uplink}
@@ -159,10 +160,10 @@ func tagFor(prefix string) string { return fmt.Sprintf("%s%d", prefix, os.Getpid
 func TestImage(t *testing.T) {
 	img := needImage(t)
 	tag := tagFor("qgi")
-	up1, up2 := newNetns(t, tag+"u1"), newNetns(t, tag+"u2")
+	up1, up2 := netnstest.New(t, tag+"u1"), netnstest.New(t, tag+"u2")
 	clients := []*clientVM{
-		{domid: 2, ip: client2IP, ns: newNetns(t, tag+"c2"), nic: &nic{mac: "52:54:00:00:02:00", rename: "vif2.0"}},
-		{domid: 3, ip: client3IP, ns: newNetns(t, tag+"c3"), nic: &nic{mac: "52:54:00:00:03:00", rename: "vif3.0"}},
+		{domid: 2, ip: client2IP, ns: netnstest.New(t, tag+"c2"), nic: &nic{mac: "52:54:00:00:02:00", rename: "vif2.0"}},
+		{domid: 3, ip: client3IP, ns: netnstest.New(t, tag+"c3"), nic: &nic{mac: "52:54:00:00:03:00", rename: "vif3.0"}},
 	}
 	for _, c := range clients {
 		c.nic.ns = c.ns
@@ -172,44 +173,44 @@ func TestImage(t *testing.T) {
 	net1 := newNetvm(t, up1, uplink.tap, netvm1IP, []string{serverIP, otherIP},
 		map[string]string{"allowed.test": serverIP, "blocked.test": otherIP})
 	for _, c := range clients {
-		c.ns.client(t, c.nic.tap, c.ip)
+		makeClient(t, c.ns, c.nic.tap, c.ip)
 	}
 	f.connectClients(clients)
 	cl2, cl3 := clients[0].ns, clients[1].ns
-	f.waitFor("the first TCP echo through the VM", func() bool { return tcpEcho(cl2, serverIP+":7") == nil })
+	f.waitFor("the first TCP echo through the VM", func() bool { return netnstest.TCPEcho(cl2, serverIP+":7") == nil })
 	t.Logf("first TCP echo %.1f s after QEMU started", time.Since(f.vm.started).Seconds())
 
 	t.Run("accept all: tcp, udp, ping, both clients, NAT", func(t *testing.T) {
 		f.t = t
 		for _, c := range clients {
-			if err := tcpEcho(c.ns, serverIP+":7"); err != nil {
+			if err := netnstest.TCPEcho(c.ns, serverIP+":7"); err != nil {
 				t.Fatalf("tcp from %s: %v", c.ip, err)
 			}
-			if err := udpEcho(c.ns, serverIP+":7"); err != nil {
+			if err := netnstest.UDPEcho(c.ns, serverIP+":7"); err != nil {
 				t.Fatalf("udp from %s: %v", c.ip, err)
 			}
-			if err := ping(c.ns, serverIP); err != nil {
+			if err := netnstest.Ping(c.ns, serverIP); err != nil {
 				t.Fatalf("from %s: %v", c.ip, err)
 			}
 		}
-		if !net1.echo.saw(fwIP1+":") || net1.echo.saw(client2IP) || net1.echo.saw(client3IP) {
-			t.Fatalf("the netvm must see only the firewall's address %s: %q", fwIP1, net1.echo.seen)
+		if !net1.echo.Saw(fwIP1+":") || net1.echo.Saw(client2IP) || net1.echo.Saw(client3IP) {
+			t.Fatalf("the netvm must see only the firewall's address %s", fwIP1)
 		}
 	})
 
 	t.Run("deny rule rejects with ICMP, other ports and clients unaffected", func(t *testing.T) {
 		f.t = t
 		f.setRules(client2IP, "action=drop proto=tcp dstports=8005-8005", "action=drop proto=udp dstports=8005-8005", "action=accept")
-		if err := tcpEcho(cl2, serverIP+":8005"); !rejected(err) {
+		if err := netnstest.TCPEcho(cl2, serverIP+":8005"); !netnstest.Rejected(err) {
 			t.Fatalf("tcp to a denied port: %v, want connection refused/unreachable", err)
 		}
-		if err := udpEcho(cl2, serverIP+":8005"); !rejected(err) {
+		if err := netnstest.UDPEcho(cl2, serverIP+":8005"); !netnstest.Rejected(err) {
 			t.Fatalf("udp to a denied port: %v, want unreachable", err)
 		}
-		if err := tcpEcho(cl2, serverIP+":7"); err != nil {
+		if err := netnstest.TCPEcho(cl2, serverIP+":7"); err != nil {
 			t.Fatalf("tcp to an allowed port: %v", err)
 		}
-		if err := tcpEcho(cl3, serverIP+":8005"); err != nil {
+		if err := netnstest.TCPEcho(cl3, serverIP+":8005"); err != nil {
 			t.Fatalf("the other client: %v", err)
 		}
 	})
@@ -217,11 +218,11 @@ func TestImage(t *testing.T) {
 	t.Run("dsthost resolved through the netvm's dnsmasq", func(t *testing.T) {
 		f.t = t
 		f.setRules(client2IP, "action=accept dsthost=allowed.test", "action=accept specialtarget=dns")
-		f.waitFor("allowed.test to resolve in the firewall", func() bool { return tcpEcho(cl2, serverIP+":7") == nil })
-		if err := tcpEcho(cl2, otherIP+":7"); !rejected(err) {
+		f.waitFor("allowed.test to resolve in the firewall", func() bool { return netnstest.TCPEcho(cl2, serverIP+":7") == nil })
+		if err := netnstest.TCPEcho(cl2, otherIP+":7"); !netnstest.Rejected(err) {
 			t.Fatalf("an address no rule names: %v, want a reject", err)
 		}
-		addrs, err := lookup(cl2, "blocked.test")
+		addrs, err := netnstest.Lookup(cl2, dnsIP, "blocked.test")
 		if err != nil || len(addrs) != 1 || addrs[0] != otherIP {
 			t.Fatalf("client DNS through the firewall: %v %v", addrs, err)
 		}
@@ -230,22 +231,22 @@ func TestImage(t *testing.T) {
 	t.Run("rule reload cuts established flows", func(t *testing.T) {
 		f.t = t
 		f.setRules(client2IP, "action=accept")
-		c, err := cl2.dial("tcp4", serverIP+":7", 5*time.Second)
+		c, err := cl2.Dial("tcp4", serverIP+":7", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		if err := echoOnce(c, "before"); err != nil {
+		if err := netnstest.EchoOnce(c, "before"); err != nil {
 			t.Fatal(err)
 		}
 		f.setRules(client2IP, "action=accept dst4="+otherIP+"/32")
-		if err := echoOnce(c, "after"); err == nil {
+		if err := netnstest.EchoOnce(c, "after"); err == nil {
 			t.Fatal("an established flow survived rules that deny it")
 		}
-		if err := tcpEcho(cl2, otherIP+":7"); err != nil {
+		if err := netnstest.TCPEcho(cl2, otherIP+":7"); err != nil {
 			t.Fatalf("the newly allowed address: %v", err)
 		}
-		if err := tcpEcho(cl2, serverIP+":7"); !rejected(err) {
+		if err := netnstest.TCPEcho(cl2, serverIP+":7"); !netnstest.Rejected(err) {
 			t.Fatalf("the no longer allowed address: %v, want a reject", err)
 		}
 	})
@@ -255,17 +256,17 @@ func TestImage(t *testing.T) {
 		f.setRules(client2IP, "action=accept dsthost=net2.test", "action=accept specialtarget=dns")
 		// dom0 points the firewall at another netvm: here the uplink
 		// tap moves to a namespace with other addresses and servers.
-		run(t, "ip", "-n", up1.name, "link", "set", uplink.tap, "netns", up2.name)
-		up2.ip(t, "link", "set", uplink.tap, "up")
+		netnstest.Run(t, "ip", "-n", up1.Name, "link", "set", uplink.tap, "netns", up2.Name)
+		up2.IP(t, "link", "set", uplink.tap, "up")
 		net2 := newNetvm(t, up2, uplink.tap, netvm2IP, []string{serverIP, onlyNet2},
 			map[string]string{"net2.test": onlyNet2})
 		f.must(f.db.Write("/qubes-ip", fwIP2))
 		f.must(f.db.Write("/qubes-gateway", netvm2IP))
-		f.waitFor("client 3 through netvm 2", func() bool { return tcpEcho(cl3, serverIP+":7") == nil })
-		if !net2.echo.saw(fwIP2 + ":") {
-			t.Fatalf("netvm 2 did not see the firewall's new address %s: %q", fwIP2, net2.echo.seen)
+		f.waitFor("client 3 through netvm 2", func() bool { return netnstest.TCPEcho(cl3, serverIP+":7") == nil })
+		if !net2.echo.Saw(fwIP2 + ":") {
+			t.Fatalf("netvm 2 did not see the firewall's new address %s", fwIP2)
 		}
-		f.waitFor("dsthost resolved through netvm 2", func() bool { return tcpEcho(cl2, onlyNet2+":7") == nil })
+		f.waitFor("dsthost resolved through netvm 2", func() bool { return netnstest.TCPEcho(cl2, onlyNet2+":7") == nil })
 	})
 
 	t.Run("dom0 shutdown powers the VM off", func(t *testing.T) {

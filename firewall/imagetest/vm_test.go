@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
 	"io"
 	"net"
 	"os"
@@ -153,7 +154,7 @@ func extractVmlinux(bzImage, dst string) error {
 type nic struct {
 	mac    string // the guest side's MAC
 	rename string // qgfw.ifname: the guest's name for it ("" keeps ethN)
-	ns     *netns
+	ns     *netnstest.NS
 	tap    string // set by startVM
 }
 
@@ -275,7 +276,7 @@ func startVM(t *testing.T, img *image, tag string, cfg vmConfig) *vm {
 		}
 		// The tap stays attached to QEMU's file descriptor in its new
 		// namespace; it is deleted when QEMU closes it.
-		for _, c := range [][]string{{"link", "set", n.tap, "netns", n.ns.name}, {"-n", n.ns.name, "link", "set", n.tap, "up"}} {
+		for _, c := range [][]string{{"link", "set", n.tap, "netns", n.ns.Name}, {"-n", n.ns.Name, "link", "set", n.tap, "up"}} {
 			if out, err := exec.Command("ip", c...).CombinedOutput(); err != nil {
 				if v.waitExit(time.Second) {
 					return v // the guest died early: the caller sees it stopped
@@ -369,12 +370,4 @@ func (s *syncBuffer) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Len()
-}
-
-func tail(s string, lines int) string {
-	l := strings.Split(strings.ReplaceAll(s, "\r", ""), "\n")
-	if len(l) > lines {
-		l = l[len(l)-lines:]
-	}
-	return strings.Join(l, "\n")
 }
