@@ -12,14 +12,10 @@ import (
 )
 
 type saltOptions struct {
-	vm           salt.Options
-	from         string
-	out          string
-	sums         string
-	sig          string
-	key          string
-	release      string
-	checksumsDir string
+	vm    salt.Options
+	from  string
+	out   string
+	trust trustOptions
 }
 
 func newSaltCmd() *cobra.Command {
@@ -61,8 +57,8 @@ source_hash values it writes are the digests it computed.`,
 				extra["SHA256SUMS.sig"] = sig
 			}
 			label := src.Path
-			if o.release != "" {
-				label = "the signed release " + o.release + " sums"
+			if o.trust.release != "" {
+				label = "the signed release " + o.trust.release + " sums"
 			}
 			if err := salt.WriteTree(o.out, o.vm, salt.Source{Dir: o.from, Sums: f, Label: label, Extra: extra}); err != nil {
 				return withCode(trustExitCode(err), fmt.Errorf("salt: %w", err))
@@ -78,11 +74,11 @@ source_hash values it writes are the digests it computed.`,
 	f := cmd.Flags()
 	f.StringVar(&o.from, "from", "dist", "directory holding vmlinuz and initramfs")
 	f.StringVar(&o.out, "out", "", "directory to create the state tree in (must not exist or be empty)")
-	f.StringVar(&o.sums, "sums", "", "SHA256SUMS to check the artifacts against (default: FROM/SHA256SUMS)")
-	f.StringVar(&o.key, "key", "", "public key that must have signed the sums file")
-	f.StringVar(&o.sig, "sig", "", "signature of the sums file (default: SUMS.sig; needs --key)")
-	f.StringVar(&o.release, "release", "", "check against the published, signed release vX.Y.Z in checksums/")
-	f.StringVar(&o.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
+	f.StringVar(&o.trust.sums, "sums", "", "SHA256SUMS to check the artifacts against (default: FROM/SHA256SUMS)")
+	f.StringVar(&o.trust.key, "key", "", "public key that must have signed the sums file")
+	f.StringVar(&o.trust.sig, "sig", "", "signature of the sums file (default: SUMS.sig; needs --key)")
+	f.StringVar(&o.trust.release, "release", "", "check against the published, signed release vX.Y.Z in checksums/")
+	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
 	f.StringVar(&o.vm.Name, "name", o.vm.Name, "VM name (also the kernel directory under /var/lib/qubes/vm-kernels/)")
 	f.StringVar(&o.vm.Label, "label", o.vm.Label, "VM label colour")
 	f.IntVar(&o.vm.Memory, "memory", o.vm.Memory, "VM memory in MB (memory = maxmem)")
@@ -95,21 +91,5 @@ source_hash values it writes are the digests it computed.`,
 
 // sumsSource says which sums file, signature and key vouch for --from.
 func (o *saltOptions) sumsSource() (sign.Sums, error) {
-	if o.release != "" {
-		if o.sums != "" || o.sig != "" || o.key != "" {
-			return sign.Sums{}, errors.New("--release takes the sums file, signature and key from checksums/; do not combine it with --sums, --sig or --key")
-		}
-		return releaseSums(o.checksumsDir, o.release)
-	}
-	if o.sig != "" && o.key == "" {
-		return sign.Sums{}, errors.New("--sig needs --key")
-	}
-	s := sign.Sums{Path: o.sums, Signature: o.sig, Key: o.key}
-	if s.Path == "" {
-		s.Path = filepath.Join(o.from, "SHA256SUMS")
-	}
-	if s.Key != "" && s.Signature == "" {
-		s.Signature = s.Path + ".sig"
-	}
-	return s, nil
+	return o.trust.source(func() string { return filepath.Join(o.from, "SHA256SUMS") })
 }

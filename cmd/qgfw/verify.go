@@ -28,12 +28,41 @@ const (
 var releaseVersion = regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?$`)
 
 type verifyOptions struct {
+	trust trustOptions
+	json  bool
+}
+
+// trustOptions are the flags, shared by verify and salt, that say which
+// sums file, signature and key vouch for the artifacts.
+type trustOptions struct {
 	sums         string
 	sig          string
 	key          string
 	release      string
 	checksumsDir string
-	json         bool
+}
+
+// source validates the flags and returns where the sums file, signature
+// and key are; defaultSums is the sums file to use when --sums is not
+// given (next to the artifacts).
+func (o *trustOptions) source(defaultSums func() string) (sign.Sums, error) {
+	if o.release != "" {
+		if o.sums != "" || o.sig != "" || o.key != "" {
+			return sign.Sums{}, errors.New("--release takes the sums file, signature and key from checksums/; do not combine it with --sums, --sig or --key")
+		}
+		return releaseSums(o.checksumsDir, o.release)
+	}
+	if o.sig != "" && o.key == "" {
+		return sign.Sums{}, errors.New("--sig needs --key: a signature is only worth something against a key you trust")
+	}
+	s := sign.Sums{Path: o.sums, Signature: o.sig, Key: o.key}
+	if s.Path == "" {
+		s.Path = defaultSums()
+	}
+	if s.Key != "" && s.Signature == "" {
+		s.Signature = s.Path + ".sig"
+	}
+	return s, nil
 }
 
 func newVerifyCmd() *cobra.Command {
@@ -75,44 +104,30 @@ Exit codes: 0 all good, 3 hash mismatch, 4 bad signature, 5 missing file,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.sums, "sums", "", "SHA256SUMS file (default: next to the artifacts)")
-	f.StringVar(&o.sig, "sig", "", "detached signature of the sums file (default: SUMS.sig; needs --key)")
-	f.StringVar(&o.key, "key", "", "public key (PEM) that must have signed the sums file")
-	f.StringVar(&o.release, "release", "", "verify against the published release vX.Y.Z in checksums/")
-	f.StringVar(&o.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
+	f.StringVar(&o.trust.sums, "sums", "", "SHA256SUMS file (default: next to the artifacts)")
+	f.StringVar(&o.trust.sig, "sig", "", "detached signature of the sums file (default: SUMS.sig; needs --key)")
+	f.StringVar(&o.trust.key, "key", "", "public key (PEM) that must have signed the sums file")
+	f.StringVar(&o.trust.release, "release", "", "verify against the published release vX.Y.Z in checksums/")
+	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
 	f.BoolVar(&o.json, "json", false, "print the report as JSON")
 	return cmd
 }
 
-// sumsSource validates the flags and says where the sums file, signature
-// and key are.
+// sumsSource says where the sums file, signature and key are; without
+// --sums, next to the artifacts in args.
 func (o *verifyOptions) sumsSource(args []string) (sign.Sums, error) {
-	if o.release != "" {
-		if o.sums != "" || o.sig != "" || o.key != "" {
-			return sign.Sums{}, errors.New("--release takes the sums file, signature and key from checksums/; do not combine it with --sums, --sig or --key")
-		}
-		if len(args) == 0 {
-			return sign.Sums{}, errors.New("--release needs the directory or files holding the downloaded artifacts")
-		}
-		return releaseSums(o.checksumsDir, o.release)
+	if o.trust.release != "" && len(args) == 0 {
+		return sign.Sums{}, errors.New("--release needs the directory or files holding the downloaded artifacts")
 	}
-	if o.sig != "" && o.key == "" {
-		return sign.Sums{}, errors.New("--sig needs --key: a signature is only worth something against a key you trust")
-	}
-	s := sign.Sums{Path: o.sums, Signature: o.sig, Key: o.key}
-	if s.Path == "" {
+	return o.trust.source(func() string {
 		dir := "."
 		if len(args) == 1 && verifyIsDir(args[0]) {
 			dir = args[0]
 		} else if len(args) > 0 {
 			dir = filepath.Dir(args[0])
 		}
-		s.Path = filepath.Join(dir, "SHA256SUMS")
-	}
-	if s.Key != "" && s.Signature == "" {
-		s.Signature = s.Path + ".sig"
-	}
-	return s, nil
+		return filepath.Join(dir, "SHA256SUMS")
+	})
 }
 
 // releaseSums returns the published sums, signature and key of version.

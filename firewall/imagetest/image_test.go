@@ -23,7 +23,7 @@ type firewallVM struct {
 	vm   *vm
 	xs   *xenstore.FakeServer
 	db   *qubesdb.Server
-	host *syncBuffer // the fakes' own log
+	host *netnstest.Buffer // the fakes' own log
 }
 
 // clientVM is a Qubes client: its domain ID (the NIC is vif<domid>.0),
@@ -39,7 +39,7 @@ type clientVM struct {
 // (holding qdb) to it, and announces the clients once the firewall runs.
 func bootFirewall(t *testing.T, img *image, tag string, mem int, uplink *nic, clients []*clientVM, qdb map[string]string) *firewallVM {
 	t.Helper()
-	f := &firewallVM{t: t, xs: xenstore.NewFakeServer(1), host: &syncBuffer{}}
+	f := &firewallVM{t: t, xs: xenstore.NewFakeServer(1), host: &netnstest.Buffer{}}
 	logf := func(format string, args ...any) { fmt.Fprintf(f.host, format+"\n", args...) }
 	f.db = qubesdb.NewServer(logf)
 	for k, v := range qdb {

@@ -5,14 +5,10 @@ import (
 	"fmt"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Addresses (Qubes conventions: /32 clients whose gateway is the
@@ -82,30 +78,6 @@ func newNetvm(t *testing.T, n *netnstest.NS, tap, gwIP string, servers []string,
 		}
 	}
 	return v
-}
-
-// echoServer answers TCP and UDP with what it received and records who
-// sent what.
-// startOwned starts cmd so that it is killed when the test process dies
-// (cleanups do not run after Ctrl-C or go test -timeout), and returns a
-// channel that delivers the result of cmd.Wait. The parent-death signal
-// follows the thread that forked, not the process, and Go destroys
-// threads (those locked by namespace switches, for one): the child is
-// started and waited for on a thread locked for its whole life.
-func startOwned(cmd *exec.Cmd) (<-chan error, error) {
-	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
-	done := make(chan error, 1)
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		done <- cmd.Wait()
-	}()
-	return done, <-started
 }
 
 // waitFor polls cond until it holds; the limit only guards against a hang

@@ -172,7 +172,7 @@ type vmConfig struct {
 // vm is a running QEMU.
 type vm struct {
 	cmd     *exec.Cmd
-	console *syncBuffer // serial console and QEMU's own messages
+	console *netnstest.Buffer // serial console and QEMU's own messages
 	started time.Time
 	exited  chan struct{}
 	exitErr error
@@ -226,11 +226,11 @@ func startVM(t *testing.T, img *image, tag string, cfg vmConfig) *vm {
 	cmdline = append(cmdline, cfg.append...)
 	args = append(args, "-append", strings.Join(cmdline, " "))
 
-	v := &vm{console: &syncBuffer{}, exited: make(chan struct{})}
+	v := &vm{console: &netnstest.Buffer{}, exited: make(chan struct{})}
 	v.cmd = exec.Command("qemu-system-x86_64", args...)
 	v.cmd.Stdout, v.cmd.Stderr = v.console, v.console
 	v.started = time.Now()
-	done, err := startOwned(v.cmd)
+	done, err := netnstest.StartOwned(v.cmd)
 	if err != nil {
 		t.Fatalf("start qemu: %v", err)
 	}
@@ -347,27 +347,4 @@ func hostTSCkHz() int {
 		}
 	}
 	return 0
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func (s *syncBuffer) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Len()
 }

@@ -149,7 +149,7 @@ func WaitFor(t testing.TB, what string, limit time.Duration, cond func() bool) {
 // Process is a background command whose output is kept for failure reports.
 type Process struct {
 	Cmd  *exec.Cmd
-	out  syncBuffer
+	out  Buffer
 	done chan error
 }
 
@@ -159,30 +159,18 @@ func (p *Process) Output() string { return p.out.String() }
 // Done delivers the result of the command's Wait.
 func (p *Process) Done() <-chan error { return p.done }
 
-// Start runs cmd in the background: SIGTERM (then SIGKILL) at cleanup, its
-// output logged when t failed. It is also killed if the test process
-// dies (cleanups do not run after Ctrl-C or a -timeout panic): the
-// parent-death signal follows the thread that forked, and Go destroys
-// threads (those locked by Do, for one), so the child is started and
-// waited for on a thread locked for its whole life.
+// Start runs cmd in the background (see StartOwned): SIGTERM (then
+// SIGKILL) at cleanup, its output logged when t failed.
 func Start(t testing.TB, what string, cmd *exec.Cmd) *Process {
 	t.Helper()
-	p := &Process{Cmd: cmd, done: make(chan error, 1)}
+	p := &Process{Cmd: cmd}
 	cmd.Stdout, cmd.Stderr = &p.out, &p.out
-	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.done <- cmd.Wait()
-	}()
-	if err := <-started; err != nil {
+	done, err := StartOwned(cmd)
+	if err != nil {
 		t.Fatalf("start %s: %v", what, err)
 	}
+	p.done = make(chan error, 1)
+	go func() { p.done <- <-done }()
 	t.Cleanup(func() {
 		cmd.Process.Signal(unix.SIGTERM)
 		select {
@@ -198,6 +186,28 @@ func Start(t testing.TB, what string, cmd *exec.Cmd) *Process {
 	return p
 }
 
+// StartOwned starts cmd so that it is killed when the test process dies
+// (cleanups do not run after Ctrl-C or a -timeout panic), and returns a
+// channel that delivers the result of cmd.Wait. The parent-death signal
+// follows the thread that forked, not the process, and Go destroys
+// threads (those locked by Do, for one): the child is started and waited
+// for on a thread locked for its whole life.
+func StartOwned(cmd *exec.Cmd) (<-chan error, error) {
+	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	done := make(chan error, 1)
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		done <- cmd.Wait()
+	}()
+	return done, <-started
+}
+
 // Tail is the last lines of s (a serial console's CRs dropped).
 func Tail(s string, lines int) string {
 	l := strings.Split(strings.ReplaceAll(s, "\r", ""), "\n")
@@ -207,21 +217,29 @@ func Tail(s string, lines int) string {
 	return strings.Join(l, "\n")
 }
 
-type syncBuffer struct {
+// Buffer collects a process's output; safe for concurrent use.
+type Buffer struct {
 	mu sync.Mutex
 	b  strings.Builder
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
+func (s *Buffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
 }
 
-func (s *syncBuffer) String() string {
+func (s *Buffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// Len is the number of bytes written so far.
+func (s *Buffer) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Len()
 }
 
 // Echo answers TCP and UDP with what it received and records the sources
