@@ -148,7 +148,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	lg.step("copying artifacts to " + opts.DistDir)
-	if err := collect(svc, filepath.Join(work, "out"), opts.DistDir); err != nil {
+	if err := collect(svc, filepath.Join(work, "out"), opts.DistDir, lg.logf); err != nil {
 		return nil, err
 	}
 	got, err := sums.Compute(opts.DistDir, artifacts)
@@ -211,15 +211,19 @@ func buildStages(eng engine.Engine, opts Options, ctxDir, baseTag string, lg *lo
 
 // collect copies the image's artifacts into dist (through tmp, so that a
 // failure leaves no half-written artifact) and removes the image.
-func collect(eng engine.Engine, tmp, dist string) error {
+func collect(eng engine.Engine, tmp, dist string, logf func(string, ...any)) error {
 	if err := os.Mkdir(tmp, 0o755); err != nil {
 		return fmt.Errorf("build: %w", err)
 	}
 	if err := exportArtifacts(eng, imageTag, tmp); err != nil {
 		return err
 	}
+	// Housekeeping only: the artifacts are out. Podman 4.3 sometimes still
+	// counts the just-removed export container as a user of the image
+	// ("does not exist in database"); the next build replaces the tag and
+	// `qgfw clean` removes it, so a failure here must not fail the build.
 	if err := eng.RemoveImage(imageTag); err != nil {
-		return err
+		logf("warning: %v (left for the next build or `qgfw clean`)", err)
 	}
 	for _, name := range append([]string{"vmlinux"}, artifacts...) {
 		if err := moveFile(filepath.Join(tmp, name), filepath.Join(dist, name)); err != nil {
