@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dns"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
@@ -331,4 +332,27 @@ func (c *Controller) LogStats(ctx context.Context, every time.Duration, extra fu
 		}
 		c.logf("%s", line)
 	}
+}
+
+// NewResolver returns the dsthost resolver wired to the controller's
+// dispatcher: it asks the controller for the current DNS servers, sends
+// through the dispatcher's own UDP sockets (so queries follow the current
+// uplink), makes the dispatcher re-check flows when answers change, and is
+// installed in both. The caller runs it.
+func (c *Controller) NewResolver() *dns.Resolver {
+	res := dns.New(dns.Config{
+		Servers: c.DNS,
+		Listen: func() (dns.Conn, error) {
+			conn, err := c.d.ListenUDP()
+			if err != nil {
+				return nil, err // not a typed nil inside the interface
+			}
+			return conn, nil
+		},
+		OnChange: c.d.Recheck,
+		Logf:     c.logf,
+	})
+	c.d.SetResolver(res)
+	c.SetResolver(res)
+	return res
 }

@@ -20,7 +20,6 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dns"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
@@ -70,20 +69,7 @@ func Run(ctx context.Context, cfg Config) (string, error) {
 		},
 		Logf: logf,
 	})
-	res := dns.New(dns.Config{
-		Servers: ctl.DNS,
-		Listen: func() (dns.Conn, error) {
-			c, err := d.ListenUDP()
-			if err != nil {
-				return nil, err
-			}
-			return c, nil
-		},
-		OnChange: d.Recheck,
-		Logf:     logf,
-	})
-	d.SetResolver(res)
-	ctl.SetResolver(res)
+	res := ctl.NewResolver()
 
 	shutdown, err := xenstore.WatchShutdown(ctx, cfg.XS, logf)
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dns"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
@@ -167,20 +166,7 @@ func run(o options, logf func(string, ...any)) error {
 	}
 
 	ctl := control.New(control.Config{Dispatcher: d, UplinkName: o.uplink, OpenLink: openLink, Logf: logf})
-	res := dns.New(dns.Config{
-		Servers: ctl.DNS,
-		Listen: func() (dns.Conn, error) {
-			c, err := d.ListenUDP()
-			if err != nil {
-				return nil, err // not a typed nil inside the interface
-			}
-			return c, nil
-		},
-		OnChange: d.Recheck,
-		Logf:     logf,
-	})
-	d.SetResolver(res)
-	ctl.SetResolver(res)
+	res := ctl.NewResolver()
 
 	db := qubesdb.NewClient(qubesdb.UnixDialer(o.qubesdb), qubesdb.Daemon, logf)
 	mirror := qubesdb.NewMirror(ctl.Handle)
