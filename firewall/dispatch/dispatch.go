@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -300,6 +301,11 @@ func (d *Dispatcher) envLocked() rules.Env {
 func (d *Dispatcher) SetDNS(servers []netip.Addr) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if slices.Equal(d.dns, servers) {
+		// Every QubesDB uplink event repeats the servers; re-checking
+		// every flow for nothing would scan the whole NAT table.
+		return
+	}
 	d.dns = append([]netip.Addr(nil), servers...)
 	d.recheckFlowsLocked(func([4]byte) bool { return true })
 }
