@@ -1,7 +1,9 @@
 // Package qubesvm runs the firewall as a Qubes VM: clients are discovered
 // through xenstore (backend/vif), QubesDB is reached as dom0's peer (over
-// vchan in Qubes), the uplink is the netfront eth0 — or, in BSD netvm mode,
-// the netvm's own vif — and dom0's shutdown requests end the run.
+// vchan in Qubes), and the uplink is the netfront eth0 — or, in BSD netvm
+// mode, the netvm's own vif. The run ends when its context does: dom0's
+// shutdown requests reach PID 1 through the guest kernel (see
+// firewall/cmd/firewall), not through this package.
 //
 // Transports are injected, so the same code runs against the in-repo fakes
 // over unix sockets in tests: only how the bytes travel differs.
@@ -9,7 +11,6 @@ package qubesvm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -46,9 +47,9 @@ type Config struct {
 	Logf         func(string, ...any)
 }
 
-// Run runs the firewall until ctx ends or dom0 asks the VM to stop, and
-// returns dom0's request ("poweroff", "reboot", ...) or "" when ctx ended.
-func Run(ctx context.Context, cfg Config) (string, error) {
+// Run runs the firewall until ctx ends (nil) or a part it cannot run
+// without fails (the error).
+func Run(ctx context.Context, cfg Config) error {
 	logf := cfg.Logf
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -70,11 +71,6 @@ func Run(ctx context.Context, cfg Config) (string, error) {
 		Logf: logf,
 	})
 	res := ctl.NewResolver()
-
-	shutdown, err := xenstore.WatchShutdown(ctx, cfg.XS, logf)
-	if err != nil {
-		return "", fmt.Errorf("watch shutdown requests: %w", err)
-	}
 
 	var wg sync.WaitGroup
 	defer func() {
@@ -103,15 +99,9 @@ func Run(ctx context.Context, cfg Config) (string, error) {
 	logf("qubesvm: running (uplink %s, bsd %v)", cfg.Uplink, cfg.BSDIP.IsValid())
 	select {
 	case <-ctx.Done():
-		return "", nil
-	case req, ok := <-shutdown:
-		if !ok {
-			return "", errors.New("xenstore connection lost")
-		}
-		logf("qubesvm: dom0 asks to %s", req)
-		return req, nil
+		return nil
 	case err := <-errc:
-		return "", err
+		return err
 	}
 }
 

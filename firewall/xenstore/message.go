@@ -1,7 +1,11 @@
 // Package xenstore speaks the Xen xenstore wire protocol: the message codec,
 // a Client that multiplexes requests, watch events and transactions over one
-// connection (/dev/xen/xenbus inside a guest, or a unix socket), a
-// FakeServer for tests, and WatchShutdown for control/shutdown.
+// connection (/dev/xen/xenbus inside a guest, or a unix socket), and a
+// FakeServer for tests.
+//
+// control/shutdown is deliberately not handled here: the guest kernel's own
+// handler (drivers/xen/manage.c) always watches it and acts first; PID 1
+// receives the result (see firewall/cmd/firewall).
 //
 // Protocol facts, from Xen's docs/misc/xenstore.txt and xen/include/public/
 // io/xs_wire.h (Linux: include/xen/interface/io/xs_wire.h):

@@ -77,8 +77,8 @@ func main() {
 		return
 	}
 	if len(os.Args) == 2 && os.Args[1] == poweroffArg {
-		// Run by the kernel (poweroff_cmd) when it took dom0's
-		// poweroff request before we did: pass it on to PID 1.
+		// Run by the kernel (poweroff_cmd) for dom0's "poweroff" or
+		// "halt" request: pass it on to PID 1.
 		unix.Kill(1, unix.SIGTERM)
 		return
 	}

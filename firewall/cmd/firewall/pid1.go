@@ -39,18 +39,26 @@ func runPID1() {
 	logger := log.New(os.Stderr, "qubes-go-firewall: ", log.Lmicroseconds|log.Lmsgprefix)
 	logf := logger.Printf
 	logf("started (pid %d)", os.Getpid())
-	// Signals first: the kernel turns ctrl-alt-del (dom0 "reboot" taken
-	// by the kernel's own handler) into SIGINT once CAD is off.
+	// Shutdown has one path, the kernel's. With CONFIG_XEN the guest
+	// kernel always watches control/shutdown itself (drivers/xen/manage.c
+	// shutdown_handler) and acknowledges dom0's request in a transaction
+	// before a user-space watcher could even read it; so the firewall does
+	// not watch the key at all, and PID 1 handles what the kernel does with
+	// the request instead: "poweroff" and "halt" run orderly_poweroff,
+	// which executes poweroff_cmd (set below to "/init --poweroff", which
+	// sends SIGTERM to PID 1); "reboot" runs ctrl_alt_del, which sends
+	// SIGINT to PID 1 once ctrl-alt-del is off. Signals first, so that no
+	// request is lost while PID 1 boots.
 	sig := make(chan os.Signal, 2)
 	signal.Notify(sig, unix.SIGTERM, unix.SIGINT)
 	if err := boot.Mount(); err != nil {
 		fatal(logf, err)
 	}
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
-		logf("ctrl-alt-del off: %v", err)
+		logf("ctrl-alt-del off: %v (a reboot request resets the VM at once)", err)
 	}
 	if err := os.WriteFile("/proc/sys/kernel/poweroff_cmd", []byte("/init "+poweroffArg), 0); err != nil {
-		logf("poweroff_cmd: %v", err)
+		logf("poweroff_cmd: %v (dom0's poweroff requests will go unanswered)", err)
 	}
 	go boot.ReapChildren()
 	cmdline, err := os.ReadFile("/proc/cmdline")
@@ -72,9 +80,13 @@ func runPID1() {
 	ctx, cancel := context.WithCancel(context.Background())
 	var reboot atomic.Bool
 	go func() {
-		s := <-sig
-		reboot.Store(s == unix.SIGINT)
-		logf("%v: stopping", s)
+		switch s := <-sig; s {
+		case unix.SIGINT:
+			reboot.Store(true)
+			logf("%v: reboot requested (the kernel's ctrl-alt-del)", s)
+		default:
+			logf("%v: poweroff requested (the kernel's poweroff_cmd)", s)
+		}
 		cancel()
 	}()
 
@@ -94,12 +106,8 @@ func runPID1() {
 		StatsEvery:   time.Minute,
 		Logf:         logf,
 	}
-	req, err := qubesvm.Run(ctx, cfg)
-	if err != nil {
+	if err := qubesvm.Run(ctx, cfg); err != nil {
 		fatal(logf, err)
-	}
-	if req == "reboot" {
-		reboot.Store(true)
 	}
 	logf("halting (reboot %v)", reboot.Load())
 	boot.Halt(reboot.Load())
@@ -168,7 +176,7 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 	bsdGW := fs.String("ipv4-gw", "", "BSD netvm mode: the netvm's address")
 	natSz := fs.Int("nat-table-size", 0, "NAT table entries (0: sized from memory)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: firewall xen [flags]\n\nRuns the firewall as in a Qubes VM: clients from xenstore backend/vif, rules\nand uplink settings from QubesDB as dom0 pushes them, dom0's shutdown\nrequests honoured. Flags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: firewall xen [flags]\n\nRuns the firewall as in a Qubes VM: clients from xenstore backend/vif, rules\nand uplink settings from QubesDB as dom0 pushes them. SIGTERM or SIGINT\nstops it (in the VM, PID 1 gets those from the kernel's shutdown handler).\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -212,11 +220,10 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 		logf("firewall: -ipv4 and -ipv4-gw go together")
 		return 2
 	}
-	req, err := qubesvm.Run(ctx, cfg)
-	if err != nil {
+	if err := qubesvm.Run(ctx, cfg); err != nil {
 		logf("firewall: %v", err)
 		return 1
 	}
-	logf("firewall: stopped (%s)", req)
+	logf("firewall: stopped")
 	return 0
 }
