@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
 // bootMarker is the firewall's first console line as PID 1.
@@ -21,7 +21,7 @@ const bootMarker = "qubes-go-firewall: started (pid 1)"
 type firewallVM struct {
 	t    *testing.T
 	vm   *vm
-	xs   *xenstore.FakeServer
+	xs   *xenstoretest.FakeServer
 	db   *qubesdb.Server
 	host *netnstest.Buffer // the fakes' own log
 }
@@ -39,7 +39,7 @@ type clientVM struct {
 // (holding qdb) to it, and announces the clients once the firewall runs.
 func bootFirewall(t *testing.T, img *image, tag string, mem int, uplink *nic, clients []*clientVM, qdb map[string]string) *firewallVM {
 	t.Helper()
-	f := &firewallVM{t: t, xs: xenstore.NewFakeServer(1), host: &netnstest.Buffer{}}
+	f := &firewallVM{t: t, xs: xenstoretest.NewFakeServer(1), host: &netnstest.Buffer{}}
 	logf := func(format string, args ...any) { fmt.Fprintf(f.host, format+"\n", args...) }
 	f.db = qubesdb.NewServer(logf)
 	for k, v := range qdb {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
 // fakeLinks hands out in-memory links for devices the test creates.
@@ -62,7 +63,7 @@ func (a *fakeAttacher) AddClient(ip [4]byte, mac [6]byte, l link.Link) (func(), 
 
 type env struct {
 	t     *testing.T
-	s     *xenstore.FakeServer
+	s     *xenstoretest.FakeServer
 	xs    *xenstore.Client
 	links *fakeLinks
 	att   *fakeAttacher
@@ -72,7 +73,7 @@ type env struct {
 
 func start(t *testing.T, linkWait time.Duration) *env {
 	t.Helper()
-	e := &env{t: t, s: xenstore.NewFakeServer(2), links: &fakeLinks{},
+	e := &env{t: t, s: xenstoretest.NewFakeServer(2), links: &fakeLinks{},
 		att: &fakeAttacher{calls: make(chan string, 100)}, logs: make(chan string, 1000)}
 	e.xs = e.s.Client()
 	ctx, cancel := context.WithCancel(context.Background())

@@ -45,12 +45,25 @@ type Stats struct {
 }
 
 // Client is a connection to xenstored. All methods are safe for concurrent
-// use; replies are matched to requests by req_id, and watch events are
-// delivered to the channel of their watch whenever they arrive, even
-// between a request and its reply.
+// use, but the client keeps one request in flight at a time, as
+// libxenstore does: concurrent calls queue, and each request is written
+// only once the previous one's reply has been read. Replies are matched to
+// requests by req_id, and watch events are delivered to the channel of
+// their watch whenever they arrive, even before a WATCH's reply or between
+// a request and its reply.
+//
+// Why one at a time: Linux's /dev/xen/xenbus (xenbus_dev_frontend.c) holds
+// the fd's msgbuffer_mutex while it processes a written message, and for
+// WATCH and UNWATCH that means waiting for xenstored's reply; the kernel's
+// single xenbus reader thread needs the same mutex to deliver the reply of
+// an earlier request on that fd (xenbus_dev_queue_reply). A WATCH written
+// behind an undelivered reply therefore deadlocks the guest's entire
+// xenstore, the kernel's own users included.
 type Client struct {
 	rwc io.ReadWriteCloser
-	wmu sync.Mutex // one Write per message: the device must not see interleaved halves
+	// turn is held for a whole round trip, from writing a request until
+	// its reply (or the connection's failure) has been read: see above.
+	turn sync.Mutex
 
 	mu      sync.Mutex
 	nextID  uint32
@@ -71,7 +84,7 @@ type watch struct {
 }
 
 // Dial connects to xenstore at path: a unix socket (xenstored's, or a
-// FakeServer's) or the /dev/xen/xenbus device.
+// xenstoretest.FakeServer's) or the /dev/xen/xenbus device.
 func Dial(path string) (*Client, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -119,9 +132,9 @@ func (c *Client) Err() error {
 }
 
 func (c *Client) readLoop() {
-	r := reader{r: bufio.NewReaderSize(c.rwc, HeaderLen+MaxPayload)}
+	r := bufio.NewReaderSize(c.rwc, HeaderLen+MaxPayload)
 	for {
-		m, err := r.next()
+		m, err := ReadMessage(r)
 		if errors.Is(err, ErrUnknownType) {
 			c.reject(m, err)
 			continue
@@ -151,7 +164,7 @@ func (c *Client) reject(m Message, err error) {
 
 func (c *Client) dispatch(m Message) {
 	if m.Type == TypeWatchEvent {
-		parts, err := splitStrings(m.Payload)
+		parts, err := SplitStrings(m.Payload)
 		if err != nil || len(parts) < 2 {
 			c.mu.Lock()
 			c.stats.Malformed++
@@ -217,10 +230,13 @@ func (c *Client) fail(err error) {
 
 // call sends one request and waits for its reply. An ERROR reply becomes
 // an Error; a reply of another type than the request is a protocol error.
+// It waits for its turn first: one request in flight (see Client).
 func (c *Client) call(typ Type, tx uint32, payload []byte) ([]byte, error) {
 	if len(payload) > MaxRequestPayload {
 		return nil, fmt.Errorf("%v request: %w (%d bytes; at most %d fit the device)", typ, ErrTooLong, len(payload), MaxRequestPayload)
 	}
+	c.turn.Lock()
+	defer c.turn.Unlock()
 	ch := make(chan result, 1)
 	c.mu.Lock()
 	if c.err != nil {
@@ -228,28 +244,22 @@ func (c *Client) call(typ Type, tx uint32, payload []byte) ([]byte, error) {
 		c.mu.Unlock()
 		return nil, err
 	}
+	c.nextID++
 	id := c.nextID
-	for {
-		id++
-		if _, busy := c.pending[id]; !busy {
-			break
-		}
-	}
-	c.nextID = id
 	c.pending[id] = ch
 	c.mu.Unlock()
 
+	// One Write per message: the device acts on a message once it is
+	// complete and drops what a write holds beyond it.
 	msg := Message{Type: typ, ReqID: id, TxID: tx, Payload: payload}
-	c.wmu.Lock()
-	_, err := c.rwc.Write(msg.Append(make([]byte, 0, HeaderLen+len(payload))))
-	c.wmu.Unlock()
-	if err != nil {
+	if _, err := c.rwc.Write(msg.Append(make([]byte, 0, HeaderLen+len(payload)))); err != nil {
 		c.mu.Lock()
 		delete(c.pending, id)
 		c.mu.Unlock()
+		// The device refused the message (or WATCH failed): no reply follows.
 		return nil, fmt.Errorf("%v request: %w", typ, err)
 	}
-	r := <-ch
+	r := <-ch // the reply, or fail's error: either way the turn ends
 	switch {
 	case r.err != nil:
 		return nil, r.err
@@ -281,7 +291,7 @@ func (o ops) read(path string) (string, error) {
 	if err := checkPath(path); err != nil {
 		return "", err
 	}
-	v, err := o.c.call(TypeRead, o.tx, joinStrings(path))
+	v, err := o.c.call(TypeRead, o.tx, JoinStrings(path))
 	if err != nil {
 		return "", fmt.Errorf("xenstore read %s: %w", path, err)
 	}
@@ -293,7 +303,7 @@ func (o ops) write(path, value string) error {
 		return err
 	}
 	// WRITE is "<path>\0<value>" with no terminator after the value.
-	_, err := o.c.call(TypeWrite, o.tx, append(joinStrings(path), value...))
+	_, err := o.c.call(TypeWrite, o.tx, append(JoinStrings(path), value...))
 	if err != nil {
 		return fmt.Errorf("xenstore write %s: %w", path, err)
 	}
@@ -304,7 +314,7 @@ func (o ops) simple(typ Type, path string) error {
 	if err := checkPath(path); err != nil {
 		return err
 	}
-	if _, err := o.c.call(typ, o.tx, joinStrings(path)); err != nil {
+	if _, err := o.c.call(typ, o.tx, JoinStrings(path)); err != nil {
 		return fmt.Errorf("xenstore %v %s: %w", typ, path, err)
 	}
 	return nil
@@ -314,10 +324,10 @@ func (o ops) directory(path string) ([]string, error) {
 	if err := checkPath(path); err != nil {
 		return nil, err
 	}
-	p, err := o.c.call(TypeDirectory, o.tx, joinStrings(path))
+	p, err := o.c.call(TypeDirectory, o.tx, JoinStrings(path))
 	if err == nil {
 		var names []string
-		if names, err = splitStrings(p); err == nil {
+		if names, err = SplitStrings(p); err == nil {
 			// Some servers answer an empty directory with one empty name.
 			out := names[:0]
 			for _, n := range names {
@@ -350,7 +360,7 @@ func (c *Client) Directory(path string) ([]string, error) { return ops{c: c}.dir
 
 // GetDomainPath returns the home path of domain domid.
 func (c *Client) GetDomainPath(domid uint32) (string, error) {
-	p, err := c.call(TypeGetDomainPath, 0, joinStrings(strconv.FormatUint(uint64(domid), 10)))
+	p, err := c.call(TypeGetDomainPath, 0, JoinStrings(strconv.FormatUint(uint64(domid), 10)))
 	if err != nil {
 		return "", fmt.Errorf("xenstore get domain path %d: %w", domid, err)
 	}
@@ -385,7 +395,7 @@ func (c *Client) Watch(path, token string) (<-chan Event, func(), error) {
 	c.watches[token] = w
 	c.mu.Unlock()
 
-	payload := joinStrings(path, token)
+	payload := JoinStrings(path, token)
 	if _, err := c.call(TypeWatch, 0, payload); err != nil {
 		c.dropWatch(w)
 		return nil, nil, fmt.Errorf("xenstore watch %s: %w", path, err)
@@ -433,7 +443,7 @@ func (c *Client) Transaction(fn func(tx *Tx) error) error {
 	var err error
 	for range maxTxRetries {
 		var p []byte
-		if p, err = c.call(TypeTransactionStart, 0, joinStrings("")); err != nil {
+		if p, err = c.call(TypeTransactionStart, 0, JoinStrings("")); err != nil {
 			return fmt.Errorf("xenstore transaction start: %w", err)
 		}
 		id, perr := strconv.ParseUint(strings.TrimRight(string(p), "\x00"), 10, 32)
@@ -442,13 +452,13 @@ func (c *Client) Transaction(fn func(tx *Tx) error) error {
 		}
 		tx := &Tx{o: ops{c: c, tx: uint32(id)}}
 		if err = fn(tx); err != nil {
-			c.call(TypeTransactionEnd, tx.o.tx, joinStrings("F"))
+			c.call(TypeTransactionEnd, tx.o.tx, JoinStrings("F"))
 			if errors.Is(err, EAGAIN) {
 				continue
 			}
 			return err
 		}
-		if _, err = c.call(TypeTransactionEnd, tx.o.tx, joinStrings("T")); !errors.Is(err, EAGAIN) {
+		if _, err = c.call(TypeTransactionEnd, tx.o.tx, JoinStrings("T")); !errors.Is(err, EAGAIN) {
 			if err != nil {
 				return fmt.Errorf("xenstore transaction commit: %w", err)
 			}

@@ -1,6 +1,7 @@
-package xenstore
+package xenstore_test
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/hex"
 	"errors"
@@ -10,11 +11,14 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
-func newFake(t *testing.T) (*FakeServer, *Client) {
+func newFake(t *testing.T) (*xenstoretest.FakeServer, *xenstore.Client) {
 	t.Helper()
-	s := NewFakeServer(7)
+	s := xenstoretest.NewFakeServer(7)
 	c := s.Client()
 	t.Cleanup(func() {
 		c.Close()
@@ -53,20 +57,20 @@ func TestClientTreeOps(t *testing.T) {
 	if err := c.Rm("data/a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Read("data/a/b"); !errors.Is(err, ENOENT) {
-		t.Fatalf("read after rm: %v, want ENOENT", err)
+	if _, err := c.Read("data/a/b"); !errors.Is(err, xenstore.ENOENT) {
+		t.Fatalf("read after rm: %v, want xenstore.ENOENT", err)
 	}
 	if err := c.Rm("data/missing"); err != nil {
 		t.Fatalf("rm of a missing node under an existing parent: %v", err)
 	}
-	if err := c.Rm("nope/missing"); !errors.Is(err, ENOENT) {
-		t.Fatalf("rm with missing parent: %v, want ENOENT", err)
+	if err := c.Rm("nope/missing"); !errors.Is(err, xenstore.ENOENT) {
+		t.Fatalf("rm with missing parent: %v, want xenstore.ENOENT", err)
 	}
 	if p, err := c.GetDomainPath(3); err != nil || p != "/local/domain/3" {
 		t.Fatalf("get domain path = %q, %v", p, err)
 	}
-	if err := c.Write("big", strings.Repeat("v", MaxRequestPayload)); !errors.Is(err, ErrTooLong) {
-		t.Fatalf("oversized write: %v, want ErrTooLong", err)
+	if err := c.Write("big", strings.Repeat("v", xenstore.MaxRequestPayload)); !errors.Is(err, xenstore.ErrTooLong) {
+		t.Fatalf("oversized write: %v, want xenstore.ErrTooLong", err)
 	}
 	if _, err := c.Read("bad\x00path"); err == nil {
 		t.Fatal("path with NUL accepted")
@@ -74,7 +78,7 @@ func TestClientTreeOps(t *testing.T) {
 }
 
 // next returns the next event; the channel must deliver one.
-func next(t *testing.T, ch <-chan Event) Event {
+func next(t *testing.T, ch <-chan xenstore.Event) xenstore.Event {
 	t.Helper()
 	ev, ok := <-ch
 	if !ok {
@@ -89,7 +93,7 @@ func TestWatchFiresOnRegistrationAndChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ev := next(t, ch); ev != (Event{"backend/vif", "tok"}) {
+	if ev := next(t, ch); ev != (xenstore.Event{Path: "backend/vif", Token: "tok"}) {
 		t.Fatalf("first event %+v, want the watched path itself", ev)
 	}
 	s.Write("backend/vif/3/0/ip", "10.137.0.5")
@@ -119,7 +123,7 @@ func TestWatchFiresOnRegistrationAndChanges(t *testing.T) {
 }
 
 // drain discards queued events and returns the channel once it is closed.
-func drain(ch <-chan Event) <-chan Event {
+func drain(ch <-chan xenstore.Event) <-chan xenstore.Event {
 	for range ch {
 	}
 	return ch
@@ -158,18 +162,18 @@ func TestWatchOverflowWidensToWatchedPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cancel()
-	for i := range WatchBuffer * 2 {
+	for i := range xenstore.WatchBuffer * 2 {
 		s.Write("/d/k", strings.Repeat("x", i+1))
 	}
 	// A round trip guarantees every event sent before it was dispatched.
 	if _, err := c.Read("/d/k"); err != nil {
 		t.Fatal(err)
 	}
-	if len(ch) != WatchBuffer {
-		t.Fatalf("%d events queued, want %d", len(ch), WatchBuffer)
+	if len(ch) != xenstore.WatchBuffer {
+		t.Fatalf("%d events queued, want %d", len(ch), xenstore.WatchBuffer)
 	}
-	var last Event
-	for range WatchBuffer {
+	var last xenstore.Event
+	for range xenstore.WatchBuffer {
 		last = <-ch
 	}
 	if last.Path != "/d" || c.Stats().EventsDropped == 0 {
@@ -181,7 +185,7 @@ func TestTransactionRetriesOnEAGAIN(t *testing.T) {
 	s, c := newFake(t)
 	s.FailCommits(2)
 	runs := 0
-	err := c.Transaction(func(tx *Tx) error {
+	err := c.Transaction(func(tx *xenstore.Tx) error {
 		runs++
 		return tx.Write("t/x", "1")
 	})
@@ -194,7 +198,7 @@ func TestTransactionRetriesOnEAGAIN(t *testing.T) {
 
 	// A real conflict: another writer changes the tree mid-transaction.
 	runs = 0
-	err = c.Transaction(func(tx *Tx) error {
+	err = c.Transaction(func(tx *xenstore.Tx) error {
 		runs++
 		v, err := tx.Read("t/x")
 		if err != nil {
@@ -214,7 +218,7 @@ func TestTransactionRetriesOnEAGAIN(t *testing.T) {
 
 	// An error from fn aborts: nothing is written.
 	boom := errors.New("boom")
-	if err := c.Transaction(func(tx *Tx) error {
+	if err := c.Transaction(func(tx *xenstore.Tx) error {
 		tx.Write("t/z", "no")
 		return boom
 	}); !errors.Is(err, boom) {
@@ -224,14 +228,14 @@ func TestTransactionRetriesOnEAGAIN(t *testing.T) {
 		t.Fatal("aborted transaction wrote")
 	}
 
-	s.FailCommits(maxTxRetries + 1)
-	if err := c.Transaction(func(tx *Tx) error { return nil }); !errors.Is(err, EAGAIN) {
-		t.Fatalf("endless contention: %v, want EAGAIN after bounded retries", err)
+	s.FailCommits(xenstore.MaxTxRetries + 1)
+	if err := c.Transaction(func(tx *xenstore.Tx) error { return nil }); !errors.Is(err, xenstore.EAGAIN) {
+		t.Fatalf("endless contention: %v, want xenstore.EAGAIN after bounded retries", err)
 	}
 }
 
 func TestDialUnixSocket(t *testing.T) {
-	s := NewFakeServer(0)
+	s := xenstoretest.NewFakeServer(0)
 	defer s.Close()
 	sock := filepath.Join(t.TempDir(), "xs.sock")
 	l, err := net.Listen("unix", sock)
@@ -239,7 +243,7 @@ func TestDialUnixSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	go s.Serve(l)
-	c, err := Dial(sock)
+	c, err := xenstore.Dial(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +251,7 @@ func TestDialUnixSocket(t *testing.T) {
 	if v, err := c.Read("/local/domain/0/domid"); err != nil || v != "0" {
 		t.Fatalf("read over socket: %q, %v", v, err)
 	}
-	if _, err := Dial(filepath.Join(t.TempDir(), "missing")); err == nil {
+	if _, err := xenstore.Dial(filepath.Join(t.TempDir(), "missing")); err == nil {
 		t.Fatal("dial of a missing path succeeded")
 	}
 }
@@ -255,21 +259,21 @@ func TestDialUnixSocket(t *testing.T) {
 // hostile runs a client against a hand-driven server end.
 type hostile struct {
 	t   *testing.T
-	c   *Client
+	c   *xenstore.Client
 	srv net.Conn
-	r   reader
+	r   *bufio.Reader
 }
 
 func newHostile(t *testing.T) *hostile {
 	a, b := net.Pipe()
-	h := &hostile{t: t, c: New(a), srv: b, r: reader{r: b}}
+	h := &hostile{t: t, c: xenstore.New(a), srv: b, r: bufio.NewReader(b)}
 	t.Cleanup(func() { h.c.Close(); b.Close() })
 	return h
 }
 
-func (h *hostile) request() Message {
+func (h *hostile) request() xenstore.Message {
 	h.t.Helper()
-	m, err := h.r.next()
+	m, err := xenstore.ReadMessage(h.r)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -294,11 +298,16 @@ func TestClientWritesExactBytes(t *testing.T) {
 	if _, err := io.ReadFull(h.srv, buf); err != nil {
 		t.Fatal(err)
 	}
-	want, _ := hex.DecodeString(vectors[0].hex)
+	want, _ := hex.DecodeString("" +
+		"02000000" + // type READ
+		"01000000" + // req_id 1
+		"00000000" + // tx_id 0
+		"06000000" + // len 6
+		"646f6d696400") // "domid\0"
 	if !bytes.Equal(buf, want) {
 		t.Fatalf("request %x, want %x", buf, want)
 	}
-	h.send((&Message{Type: TypeRead, ReqID: 1, Payload: []byte("7")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeRead, ReqID: 1, Payload: []byte("7")}).Append(nil))
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
@@ -313,10 +322,10 @@ func TestClientMalformedReplies(t *testing.T) {
 	// without a token are ignored and counted; the real reply still works.
 	call(func() error { _, err := h.c.Read("a"); return err })
 	req := h.request()
-	h.send((&Message{Type: TypeRead, ReqID: req.ReqID + 100, Payload: []byte("x")}).Append(nil))
-	h.send((&Message{Type: TypeWatchEvent, Payload: joinStrings("p", "nobody")}).Append(nil))
-	h.send((&Message{Type: TypeWatchEvent, Payload: []byte("p-without-token")}).Append(nil))
-	h.send((&Message{Type: TypeRead, ReqID: req.ReqID, Payload: []byte("ok")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeRead, ReqID: req.ReqID + 100, Payload: []byte("x")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: xenstore.JoinStrings("p", "nobody")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: []byte("p-without-token")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeRead, ReqID: req.ReqID, Payload: []byte("ok")}).Append(nil))
 	if err := <-got; err != nil {
 		t.Fatal(err)
 	}
@@ -328,45 +337,45 @@ func TestClientMalformedReplies(t *testing.T) {
 	// without breaking the connection.
 	call(func() error { _, err := h.c.Read("b"); return err })
 	req = h.request()
-	h.send((&Message{Type: TypeWrite, ReqID: req.ReqID, Payload: []byte("OK\x00")}).Append(nil))
-	if err := <-got; !errors.Is(err, ErrMalformed) {
+	h.send((&xenstore.Message{Type: xenstore.TypeWrite, ReqID: req.ReqID, Payload: []byte("OK\x00")}).Append(nil))
+	if err := <-got; !errors.Is(err, xenstore.ErrMalformed) {
 		t.Fatalf("wrong reply type: %v", err)
 	}
 	call(func() error { _, err := h.c.Read("c"); return err })
 	req = h.request()
-	h.send((&Message{Type: 99, ReqID: req.ReqID}).Append(nil))
-	if err := <-got; !errors.Is(err, ErrUnknownType) {
+	h.send((&xenstore.Message{Type: 99, ReqID: req.ReqID}).Append(nil))
+	if err := <-got; !errors.Is(err, xenstore.ErrUnknownType) {
 		t.Fatalf("unknown reply type: %v", err)
 	}
 	call(func() error { _, err := h.c.Directory("d"); return err })
 	req = h.request()
-	h.send((&Message{Type: TypeDirectory, ReqID: req.ReqID, Payload: []byte("a\x00b")}).Append(nil))
-	if err := <-got; !errors.Is(err, ErrMalformed) {
+	h.send((&xenstore.Message{Type: xenstore.TypeDirectory, ReqID: req.ReqID, Payload: []byte("a\x00b")}).Append(nil))
+	if err := <-got; !errors.Is(err, xenstore.ErrMalformed) {
 		t.Fatalf("unterminated directory: %v", err)
 	}
-	call(func() error { return h.c.Transaction(func(*Tx) error { return nil }) })
+	call(func() error { return h.c.Transaction(func(*xenstore.Tx) error { return nil }) })
 	req = h.request()
-	h.send((&Message{Type: TypeTransactionStart, ReqID: req.ReqID, Payload: []byte("x1\x00")}).Append(nil))
-	if err := <-got; !errors.Is(err, ErrMalformed) {
+	h.send((&xenstore.Message{Type: xenstore.TypeTransactionStart, ReqID: req.ReqID, Payload: []byte("x1\x00")}).Append(nil))
+	if err := <-got; !errors.Is(err, xenstore.ErrMalformed) {
 		t.Fatalf("bad transaction id: %v", err)
 	}
 
 	// An oversized header is fatal: the call fails, later calls fail, and
 	// watch channels close.
-	ch, _, werr := func() (<-chan Event, func(), error) {
+	ch, _, werr := func() (<-chan xenstore.Event, func(), error) {
 		res := make(chan struct {
-			ch  <-chan Event
+			ch  <-chan xenstore.Event
 			err error
 		})
 		go func() {
 			ch, _, err := h.c.Watch("w", "t")
 			res <- struct {
-				ch  <-chan Event
+				ch  <-chan xenstore.Event
 				err error
 			}{ch, err}
 		}()
 		req := h.request()
-		h.send((&Message{Type: TypeWatch, ReqID: req.ReqID, Payload: []byte("OK\x00")}).Append(nil))
+		h.send((&xenstore.Message{Type: xenstore.TypeWatch, ReqID: req.ReqID, Payload: []byte("OK\x00")}).Append(nil))
 		r := <-res
 		return r.ch, nil, r.err
 	}()
@@ -376,13 +385,13 @@ func TestClientMalformedReplies(t *testing.T) {
 	call(func() error { _, err := h.c.Read("e"); return err })
 	h.request()
 	h.send([]byte{2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x10, 0, 0}) // len 4097
-	if err := <-got; !errors.Is(err, ErrTooLong) {
+	if err := <-got; !errors.Is(err, xenstore.ErrTooLong) {
 		t.Fatalf("oversized reply: %v", err)
 	}
 	if _, ok := <-ch; ok {
 		t.Fatal("watch channel still open after a fatal error")
 	}
-	if _, err := h.c.Read("f"); !errors.Is(err, ErrTooLong) {
+	if _, err := h.c.Read("f"); !errors.Is(err, xenstore.ErrTooLong) {
 		t.Fatalf("call after fatal error: %v", err)
 	}
 }
@@ -393,7 +402,36 @@ func TestCloseFailsPendingCalls(t *testing.T) {
 	go func() { _, err := h.c.Read("x"); got <- err }()
 	h.request()
 	h.c.Close()
-	if err := <-got; !errors.Is(err, ErrClosed) {
+	if err := <-got; !errors.Is(err, xenstore.ErrClosed) {
 		t.Fatalf("pending call after Close: %v", err)
+	}
+}
+
+// Through the Linux device an event can precede the reply to the WATCH
+// that caused it, with a garbage req_id: it must still reach the watch.
+func TestWatchEventBeforeReply(t *testing.T) {
+	h := newHostile(t)
+	type watched struct {
+		ch  <-chan xenstore.Event
+		err error
+	}
+	res := make(chan watched)
+	go func() {
+		ch, _, err := h.c.Watch("backend/vif", "vifs")
+		res <- watched{ch, err}
+	}()
+	req := h.request()
+	h.send((&xenstore.Message{Type: xenstore.TypeWatchEvent, ReqID: 0xdeadbeef, TxID: 0xdeadbeef,
+		Payload: xenstore.JoinStrings("backend/vif", "vifs")}).Append(nil))
+	h.send((&xenstore.Message{Type: xenstore.TypeWatch, ReqID: req.ReqID, Payload: []byte("OK\x00")}).Append(nil))
+	r := <-res
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if ev := next(t, r.ch); ev != (xenstore.Event{Path: "backend/vif", Token: "vifs"}) {
+		t.Fatalf("event %+v", ev)
+	}
+	if st := h.c.Stats(); st.Unmatched != 0 || st.Malformed != 0 {
+		t.Fatalf("stats %+v", st)
 	}
 }

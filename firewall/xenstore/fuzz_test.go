@@ -28,7 +28,7 @@ func FuzzDecode(f *testing.F) {
 		if m.Type == TypeError {
 			_ = decodeError(m.Payload)
 		}
-		_, _ = splitStrings(m.Payload)
+		_, _ = SplitStrings(m.Payload)
 	})
 }
 
@@ -41,7 +41,7 @@ func FuzzClientStream(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add((&Message{Type: TypeWatch, ReqID: 1, Payload: []byte("OK\x00")}).Append(
-		(&Message{Type: TypeWatchEvent, Payload: joinStrings("w", "t")}).Append(nil)))
+		(&Message{Type: TypeWatchEvent, Payload: JoinStrings("w", "t")}).Append(nil)))
 	f.Fuzz(func(t *testing.T, stream []byte) {
 		a, b := net.Pipe()
 		c := New(a)

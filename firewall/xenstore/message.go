@@ -1,7 +1,8 @@
 // Package xenstore speaks the Xen xenstore wire protocol: the message codec,
-// a Client that multiplexes requests, watch events and transactions over one
-// connection (/dev/xen/xenbus inside a guest, or a unix socket), and a
-// FakeServer for tests.
+// a Client that runs requests, watch events and transactions over one
+// connection (/dev/xen/xenbus inside a guest, or a unix socket). Its fakes
+// (an in-memory xenstored and a model of the Linux xenbus device) are in
+// package xenstoretest.
 //
 // control/shutdown is deliberately not handled here: the guest kernel's own
 // handler (drivers/xen/manage.c) always watches it and acts first; PID 1
@@ -147,28 +148,26 @@ func Decode(b []byte) (Message, error) {
 	return m, nil
 }
 
-// reader reads whole messages from a byte stream. The Linux device returns
-// the queued reply bytes without regard to message boundaries
-// (xenbus_file_read copies across buffers), so the stream is framed here.
-type reader struct {
-	r   io.Reader
-	hdr [HeaderLen]byte
-}
-
-// next returns the next message. Its payload is freshly allocated (at most
-// MaxPayload bytes). An unknown type is reported with the message, which
-// was consumed whole, so the stream stays in sync; any other error leaves
-// the stream unusable.
-func (r *reader) next() (Message, error) {
-	if _, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
+// ReadMessage reads the next whole message from a byte stream. The Linux
+// device returns the queued reply bytes without regard to message
+// boundaries (xenbus_file_read copies across buffers), so the stream is
+// framed here; r should be buffered.
+//
+// The payload is freshly allocated (at most MaxPayload bytes). An unknown
+// type is reported (ErrUnknownType) with the message, which was consumed
+// whole, so the stream stays in sync; any other error leaves the stream
+// unusable.
+func ReadMessage(r io.Reader) (Message, error) {
+	var hdr [HeaderLen]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return Message{}, err
 	}
-	m, n, herr := decodeHeader(r.hdr[:])
+	m, n, herr := decodeHeader(hdr[:])
 	if herr != nil && !errors.Is(herr, ErrUnknownType) {
 		return m, herr
 	}
 	m.Payload = make([]byte, n)
-	if _, err := io.ReadFull(r.r, m.Payload); err != nil {
+	if _, err := io.ReadFull(r, m.Payload); err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
@@ -177,10 +176,10 @@ func (r *reader) next() (Message, error) {
 	return m, herr
 }
 
-// splitStrings splits a payload of NUL-terminated strings ("a\x00b\x00").
+// SplitStrings splits a payload of NUL-terminated strings ("a\x00b\x00").
 // A payload that does not end with NUL is malformed; an empty one holds no
 // strings.
-func splitStrings(p []byte) ([]string, error) {
+func SplitStrings(p []byte) ([]string, error) {
 	if len(p) == 0 {
 		return nil, nil
 	}
@@ -195,8 +194,8 @@ func splitStrings(p []byte) ([]string, error) {
 	return out, nil
 }
 
-// joinStrings builds a payload of NUL-terminated strings.
-func joinStrings(s ...string) []byte {
+// JoinStrings builds a payload of NUL-terminated strings.
+func JoinStrings(s ...string) []byte {
 	var b []byte
 	for _, x := range s {
 		b = append(append(b, x...), 0)

@@ -105,9 +105,9 @@ func TestSplitStrings(t *testing.T) {
 		{"a\x00bc\x00", []string{"a", "bc"}, true},
 		{"a\x00b", nil, false},
 	} {
-		got, err := splitStrings([]byte(c.in))
+		got, err := SplitStrings([]byte(c.in))
 		if (err == nil) != c.ok || strings.Join(got, "|") != strings.Join(c.want, "|") {
-			t.Errorf("splitStrings(%q) = %q, %v", c.in, got, err)
+			t.Errorf("SplitStrings(%q) = %q, %v", c.in, got, err)
 		}
 	}
 }

@@ -14,7 +14,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
 // TestXenModeAgainstFakes runs the firewall binary in Qubes mode against
@@ -53,7 +53,7 @@ func TestXenModeAgainstFakes(t *testing.T) {
 	}
 	(&netnstest.Echo{}).Start(t, up, "192.0.2.10:7")
 
-	xs := xenstore.NewFakeServer(3)
+	xs := xenstoretest.NewFakeServer(3)
 	t.Cleanup(xs.Close)
 	xsSock := filepath.Join(dir, "xenstore.sock")
 	l, err := net.Listen("unix", xsSock)

@@ -1,7 +1,12 @@
-package xenstore
+// Package xenstoretest provides fakes for testing xenstore clients: an
+// in-memory xenstored (FakeServer) and a model of the Linux guest's
+// /dev/xen/xenbus device in front of it (Xenbus), which reproduces the
+// device's ordering constraints, deadlock included.
+package xenstoretest
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"maps"
 	"net"
@@ -9,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
 )
 
 // FakeServer is an in-memory xenstored for tests: the tree, READ, WRITE,
@@ -32,6 +39,7 @@ type FakeServer struct {
 	nextTx      uint32
 	failCommits int
 	interleave  bool
+	held        int // HoldReplies calls not yet released
 	listeners   []net.Listener
 	wg          sync.WaitGroup
 }
@@ -44,6 +52,7 @@ type fakeConn struct {
 	qmu    sync.Mutex
 	qcond  *sync.Cond
 	queue  [][]byte
+	held   int // the server's held count, copied under qmu
 	closed bool
 }
 
@@ -123,6 +132,33 @@ func (s *FakeServer) InterleaveEvents(on bool) {
 	s.mu.Unlock()
 }
 
+// HoldReplies makes the server a slow xenstored: it goes on receiving and
+// handling requests on every connection, but sends nothing (replies and
+// events stay queued, in order) until release is called. Tests use it to
+// decide deterministically what a client has written before any reply
+// arrives. Calls nest; release is idempotent.
+func (s *FakeServer) HoldReplies() (release func()) {
+	s.setHeld(+1)
+	var once sync.Once
+	return func() { once.Do(func() { s.setHeld(-1) }) }
+}
+
+func (s *FakeServer) setHeld(delta int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.held += delta
+	for c := range s.conns {
+		c.setHeld(s.held)
+	}
+}
+
+func (c *fakeConn) setHeld(n int) {
+	c.qmu.Lock()
+	c.held = n
+	c.qcond.Broadcast()
+	c.qmu.Unlock()
+}
+
 // Serve accepts connections on l until it is closed.
 func (s *FakeServer) Serve(l net.Listener) error {
 	s.mu.Lock()
@@ -141,15 +177,20 @@ func (s *FakeServer) Serve(l net.Listener) error {
 	}
 }
 
-// Client returns a client connected to s through an in-memory pipe.
-func (s *FakeServer) Client() *Client {
+// Client returns a client connected to s through an in-memory pipe. It
+// talks to xenstored directly, like a process in dom0 does; NewXenbus puts
+// the guest kernel's device in between.
+func (s *FakeServer) Client() *xenstore.Client { return xenstore.New(s.pipe()) }
+
+// pipe returns the client end of a new in-memory connection to s.
+func (s *FakeServer) pipe() net.Conn {
 	a, b := net.Pipe()
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		s.ServeConn(b)
 	}()
-	return New(a)
+	return a
 }
 
 // Close closes listeners and connections and waits for their goroutines.
@@ -166,25 +207,27 @@ func (s *FakeServer) Close() {
 }
 
 // ServeConn speaks the protocol on rwc until it fails; a malformed message
-// closes the connection (xenstored does the same to an oversized one).
+// closes the connection (xenstored does the same to an oversized one), and
+// one of an unknown or unsupported type gets ENOSYS.
 func (s *FakeServer) ServeConn(rwc io.ReadWriteCloser) {
 	c := &fakeConn{rwc: rwc, txs: make(map[uint32]*fakeTx)}
 	c.qcond = sync.NewCond(&c.qmu)
 	s.mu.Lock()
 	s.conns[c] = struct{}{}
+	c.held = s.held
 	s.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		c.writeLoop()
 	}()
-	r := reader{r: bufio.NewReader(rwc)}
+	r := bufio.NewReader(rwc)
 	for {
-		m, err := r.next()
-		if err != nil {
+		m, err := xenstore.ReadMessage(r)
+		if err != nil && !errors.Is(err, xenstore.ErrUnknownType) {
 			break
 		}
-		s.handle(c, m)
+		s.handle(c, m) // an unknown type gets ENOSYS, as from xenstored
 	}
 	s.mu.Lock()
 	delete(s.conns, c)
@@ -199,7 +242,7 @@ func (s *FakeServer) ServeConn(rwc io.ReadWriteCloser) {
 
 // send queues a message; the connection's own goroutine writes it, so a
 // client that does not read never blocks the server.
-func (c *fakeConn) send(m Message) {
+func (c *fakeConn) send(m xenstore.Message) {
 	c.qmu.Lock()
 	c.queue = append(c.queue, m.Append(nil))
 	c.qcond.Broadcast()
@@ -209,7 +252,7 @@ func (c *fakeConn) send(m Message) {
 func (c *fakeConn) writeLoop() {
 	for {
 		c.qmu.Lock()
-		for len(c.queue) == 0 && !c.closed {
+		for (len(c.queue) == 0 || c.held > 0) && !c.closed {
 			c.qcond.Wait()
 		}
 		if c.closed {
@@ -226,34 +269,42 @@ func (c *fakeConn) writeLoop() {
 	}
 }
 
-func (s *FakeServer) handle(c *fakeConn, m Message) {
+func (s *FakeServer) handle(c *fakeConn, m xenstore.Message) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	reply := func(payload []byte) {
 		if s.interleave {
 			for _, w := range c.watches {
-				c.send(Message{Type: TypeWatchEvent, Payload: joinStrings(w.path, w.token)})
+				c.send(xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: xenstore.JoinStrings(w.path, w.token)})
 			}
 		}
-		c.send(Message{Type: m.Type, ReqID: m.ReqID, TxID: m.TxID, Payload: payload})
+		c.send(xenstore.Message{Type: m.Type, ReqID: m.ReqID, TxID: m.TxID, Payload: payload})
 	}
-	fail := func(e Error) {
-		c.send(Message{Type: TypeError, ReqID: m.ReqID, TxID: m.TxID, Payload: joinStrings(string(e))})
+	fail := func(e xenstore.Error) {
+		c.send(xenstore.Message{Type: xenstore.TypeError, ReqID: m.ReqID, TxID: m.TxID, Payload: xenstore.JoinStrings(string(e))})
 	}
-	ok := joinStrings("OK")
+	ok := xenstore.JoinStrings("OK")
 
-	args, err := splitStrings(m.Payload)
-	if m.Type == TypeWrite {
+	switch m.Type {
+	case xenstore.TypeRead, xenstore.TypeWrite, xenstore.TypeMkdir, xenstore.TypeRm,
+		xenstore.TypeDirectory, xenstore.TypeGetDomainPath, xenstore.TypeWatch, xenstore.TypeUnwatch,
+		xenstore.TypeTransactionStart, xenstore.TypeTransactionEnd:
+	default:
+		fail(xenstore.ENOSYS)
+		return
+	}
+	args, err := xenstore.SplitStrings(m.Payload)
+	if m.Type == xenstore.TypeWrite {
 		// "<path>\0<value>": the value is not NUL-terminated.
 		i := strings.IndexByte(string(m.Payload), 0)
 		if i < 0 {
-			fail(EINVAL)
+			fail(xenstore.EINVAL)
 			return
 		}
 		args, err = []string{string(m.Payload[:i]), string(m.Payload[i+1:])}, nil
 	}
 	if err != nil || len(args) == 0 {
-		fail(EINVAL)
+		fail(xenstore.EINVAL)
 		return
 	}
 	// The tree the request works on: the live one or a transaction's copy.
@@ -261,7 +312,7 @@ func (s *FakeServer) handle(c *fakeConn, m Message) {
 	var tx *fakeTx
 	if m.TxID != 0 {
 		if tx = c.txs[m.TxID]; tx == nil {
-			fail(ENOENT)
+			fail(xenstore.ENOENT)
 			return
 		}
 		tree = tx.tree
@@ -278,53 +329,53 @@ func (s *FakeServer) handle(c *fakeConn, m Message) {
 	p := args[0]
 	abs := s.Abs(p)
 	switch m.Type {
-	case TypeRead:
+	case xenstore.TypeRead:
 		v, found := tree[abs]
 		if !found {
-			fail(ENOENT)
+			fail(xenstore.ENOENT)
 			return
 		}
 		reply([]byte(v))
-	case TypeWrite:
+	case xenstore.TypeWrite:
 		change(func(t map[string]string) { s.writeLocked(t, abs, args[1]) })
 		reply(ok)
-	case TypeMkdir:
+	case xenstore.TypeMkdir:
 		if _, found := tree[abs]; !found {
 			change(func(t map[string]string) { s.writeLocked(t, abs, "") })
 		}
 		reply(ok)
-	case TypeRm:
+	case xenstore.TypeRm:
 		if _, found := tree[parent(abs)]; !found {
-			fail(ENOENT)
+			fail(xenstore.ENOENT)
 			return
 		}
 		if _, found := tree[abs]; found {
 			change(func(t map[string]string) { rmTree(t, abs) })
 		}
 		reply(ok)
-	case TypeDirectory:
+	case xenstore.TypeDirectory:
 		if _, found := tree[abs]; !found {
-			fail(ENOENT)
+			fail(xenstore.ENOENT)
 			return
 		}
-		reply(joinStrings(children(tree, abs)...))
-	case TypeGetDomainPath:
+		reply(xenstore.JoinStrings(children(tree, abs)...))
+	case xenstore.TypeGetDomainPath:
 		id, err := strconv.ParseUint(p, 10, 16)
 		if err != nil {
-			fail(EINVAL)
+			fail(xenstore.EINVAL)
 			return
 		}
-		reply(joinStrings("/local/domain/" + strconv.FormatUint(id, 10)))
-	case TypeWatch, TypeUnwatch:
+		reply(xenstore.JoinStrings("/local/domain/" + strconv.FormatUint(id, 10)))
+	case xenstore.TypeWatch, xenstore.TypeUnwatch:
 		if len(args) < 2 {
-			fail(EINVAL)
+			fail(xenstore.EINVAL)
 			return
 		}
 		w := fakeWatch{path: p, abs: abs, token: args[1]}
 		i := slices.Index(c.watches, w)
-		if m.Type == TypeUnwatch {
+		if m.Type == xenstore.TypeUnwatch {
 			if i < 0 {
-				fail(ENOENT)
+				fail(xenstore.ENOENT)
 				return
 			}
 			c.watches = slices.Delete(c.watches, i, i+1)
@@ -332,24 +383,24 @@ func (s *FakeServer) handle(c *fakeConn, m Message) {
 			return
 		}
 		if i >= 0 {
-			fail(EEXIST)
+			fail(xenstore.EEXIST)
 			return
 		}
 		c.watches = append(c.watches, w)
 		reply(ok)
 		// xenstored's do_watch: "We fire once up front".
-		c.send(Message{Type: TypeWatchEvent, Payload: joinStrings(p, w.token)})
-	case TypeTransactionStart:
+		c.send(xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: xenstore.JoinStrings(p, w.token)})
+	case xenstore.TypeTransactionStart:
 		if m.TxID != 0 {
-			fail(EINVAL)
+			fail(xenstore.EINVAL)
 			return
 		}
 		s.nextTx++
 		c.txs[s.nextTx] = &fakeTx{tree: maps.Clone(s.tree), gen: s.gen}
-		reply(joinStrings(strconv.FormatUint(uint64(s.nextTx), 10)))
-	case TypeTransactionEnd:
+		reply(xenstore.JoinStrings(strconv.FormatUint(uint64(s.nextTx), 10)))
+	case xenstore.TypeTransactionEnd:
 		if tx == nil || (p != "T" && p != "F") {
-			fail(EINVAL)
+			fail(xenstore.EINVAL)
 			return
 		}
 		delete(c.txs, m.TxID)
@@ -358,7 +409,7 @@ func (s *FakeServer) handle(c *fakeConn, m Message) {
 				if s.failCommits > 0 {
 					s.failCommits--
 				}
-				fail(EAGAIN)
+				fail(xenstore.EAGAIN)
 				return
 			}
 			s.commitLocked(func(t map[string]string) {
@@ -367,8 +418,6 @@ func (s *FakeServer) handle(c *fakeConn, m Message) {
 			})
 		}
 		reply(ok)
-	default:
-		fail(ENOSYS)
 	}
 }
 
@@ -399,11 +448,11 @@ func (s *FakeServer) commitLocked(f func(map[string]string)) {
 			for _, p := range changed {
 				switch {
 				case p == w.abs || strings.HasPrefix(p, w.abs+"/") || w.abs == "/":
-					c.send(Message{Type: TypeWatchEvent, Payload: joinStrings(s.eventPath(w, p), w.token)})
+					c.send(xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: xenstore.JoinStrings(s.eventPath(w, p), w.token)})
 				case !fired && strings.HasPrefix(w.abs, p+"/"):
 					// A removed ancestor: the event names the watched path.
 					if _, ok := s.tree[w.abs]; !ok {
-						c.send(Message{Type: TypeWatchEvent, Payload: joinStrings(w.path, w.token)})
+						c.send(xenstore.Message{Type: xenstore.TypeWatchEvent, Payload: xenstore.JoinStrings(w.path, w.token)})
 						fired = true
 					}
 				}
