@@ -17,6 +17,15 @@
 // the holder goes away. The emulated-NIC vif that never connects therefore
 // never takes the address from the one that does; this is the policy of
 // qubes-mirage-firewall (client_eth.ml add_client).
+//
+// Removal: when the toolstack takes a vif away it writes online=0, and once
+// netback has reached Closed the backend domain must delete the backend
+// directory itself — libxl in dom0 waits for that (10 s, then fails the
+// domain's destroy), and in a Linux driver domain `xl devd` does it
+// (libxl_device.c backend_watch_callback: Closed and online == 0). The
+// firewall VM is the driver domain of its clients' vifs, so discovery does
+// it. A vif that closes with online=1 (the client's driver reconnecting)
+// keeps its directory.
 package vifs
 
 import (
@@ -247,6 +256,7 @@ type backend struct {
 	state         int
 	ip, mac       string
 	hotplugStatus string
+	online        string // "0" once the toolstack is removing the device
 }
 
 func (d *discovery) read(k key) (backend, error) {
@@ -261,7 +271,7 @@ func (d *discovery) read(k key) (backend, error) {
 	for _, f := range []struct {
 		name string
 		dst  *string
-	}{{"ip", &b.ip}, {"mac", &b.mac}, {"hotplug-status", &b.hotplugStatus}} {
+	}{{"ip", &b.ip}, {"mac", &b.mac}, {"hotplug-status", &b.hotplugStatus}, {"online", &b.online}} {
 		v, err := d.cfg.XS.Read(dir + "/" + f.name)
 		if err != nil && !errors.Is(err, xenstore.ENOENT) {
 			return b, err
@@ -312,6 +322,11 @@ func (d *discovery) run(ctx context.Context, v *vif) {
 		case b.gone || b.state == stateClosing || b.state == stateClosed:
 			drop("backend closing")
 			hotplugDone = false
+			if b.state == stateClosed && b.online == "0" {
+				if err := d.remove(k); err != nil {
+					logf("vifs: %v: %v", k, err)
+				}
+			}
 		default:
 			ip, mac, perr := parseAddrs(b.ip, b.mac)
 			if perr != nil {
@@ -397,6 +412,40 @@ func (d *discovery) connected(k key) error {
 	})
 	if err != nil && !errors.Is(err, xenstore.ENOENT) {
 		return fmt.Errorf("write hotplug-status: %w", err)
+	}
+	return nil
+}
+
+// remove deletes the backend directory of a vif the toolstack took away,
+// in a transaction that checks again that it is Closed and offline, so
+// that a vif re-added meanwhile keeps its directory. The parent directory
+// (named after the client's domid) is not ours to remove: libxl in dom0
+// cleans it up (libxl__device_destroy).
+func (d *discovery) remove(k key) error {
+	removed := false
+	err := d.cfg.XS.Transaction(func(tx *xenstore.Tx) error {
+		removed = false
+		st, err := tx.Read(k.dir() + "/state")
+		if err != nil {
+			return err
+		}
+		on, err := tx.Read(k.dir() + "/online")
+		if err != nil {
+			return err
+		}
+		if st != strconv.Itoa(stateClosed) || on != "0" {
+			return nil
+		}
+		removed = true
+		return tx.Rm(k.dir())
+	})
+	switch {
+	case errors.Is(err, xenstore.ENOENT):
+		return nil // gone already
+	case err != nil:
+		return fmt.Errorf("remove backend directory: %w", err)
+	case removed:
+		d.cfg.Logf("vifs: %v: backend directory removed (device taken away)", k)
 	}
 	return nil
 }

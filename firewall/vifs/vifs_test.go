@@ -188,6 +188,44 @@ func TestVifLifecycle(t *testing.T) {
 	}
 }
 
+// libxl removes a device by writing online=0 and Closing, waits for
+// netback to reach Closed and then for the backend domain — us — to delete
+// the directory (10 s, then the client's destroy fails). A Closed vif
+// still online (the client's driver reconnecting) keeps it.
+func TestToolstackRemovalDeletesBackend(t *testing.T) {
+	e := start(t, time.Hour)
+	dir := e.addVif(3, 0, "10.137.0.5", mac)
+	e.s.Write(dir+"/online", "1")
+	e.links.create("vif3.0")
+	e.waitHotplug(dir)
+	e.s.Write(dir+"/state", "4")
+	e.expect("add 10.137.0.5 " + mac + " vif3.0")
+
+	e.s.Write(dir+"/state", "6") // reconnecting: online stays 1
+	e.expect("detach 10.137.0.5 vif3.0")
+	e.s.Write(dir+"/state", "2")
+	e.waitHotplug(dir)
+	if _, ok := e.s.Read(dir + "/online"); !ok {
+		t.Fatal("backend directory of an online vif removed")
+	}
+	e.s.Write(dir+"/state", "4")
+	e.expect("add 10.137.0.5 " + mac + " vif3.0")
+
+	e.s.WriteAll(map[string]string{dir + "/online": "0", dir + "/state": "5"})
+	e.expect("detach 10.137.0.5 vif3.0")
+	if _, ok := e.s.Read(dir); !ok {
+		t.Fatal("backend directory removed before netback reached Closed")
+	}
+	e.s.Write(dir+"/state", "6")
+	e.waitLog("backend directory removed")
+	if _, ok := e.s.Read(dir); ok {
+		t.Fatal("backend directory still there")
+	}
+	if _, ok := e.s.Read("backend/vif/3"); !ok {
+		t.Fatal("the parent directory is dom0's to clean up, not ours")
+	}
+}
+
 // An HVM's emulated-NIC vif never gets a device, another vif's frontend
 // never connects: neither delays a working vif.
 func TestStuckVifsDoNotBlockOthers(t *testing.T) {

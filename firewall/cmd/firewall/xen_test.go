@@ -21,8 +21,8 @@ import (
 // the in-repo xenstore and QubesDB (dom0 peer) fakes on unix sockets: when
 // the fake xenstore announces vif7.0, the firewall must write
 // hotplug-status, attach the veth of that name as the client, forward its
-// traffic under QubesDB's rules, leave control/shutdown to the guest
-// kernel, and stop on SIGTERM.
+// traffic under QubesDB's rules, remove the backend directory when the
+// toolstack takes the vif away, and stop on SIGTERM.
 func TestXenModeAgainstFakes(t *testing.T) {
 	netnstest.NeedRoot(t)
 	dir := t.TempDir()
@@ -94,6 +94,12 @@ func TestXenModeAgainstFakes(t *testing.T) {
 		t.Fatal("UDP passed although QubesDB's rules allow only TCP")
 	}
 
+	// The toolstack takes the vif away (libxl: online=0, Closing; netback:
+	// Closed): the firewall, as the driver domain, must remove the backend
+	// directory, which libxl waits for.
+	xs.WriteAll(map[string]string{vif + "/online": "0", vif + "/state": "6"})
+	netnstest.WaitFor(t, "backend directory removed", time.Minute, func() bool { _, ok := xs.Read(vif); return !ok })
+
 	// control/shutdown belongs to the guest kernel's handler: the firewall
 	// leaves it alone and stops on the signal the kernel would send PID 1.
 	xs.Write("control/shutdown", "poweroff")
@@ -110,7 +116,9 @@ func TestXenModeAgainstFakes(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("firewall ignored SIGTERM")
 	}
-	if !strings.Contains(fwProc.Output(), "firewall: stopped") {
-		t.Errorf("no shutdown log line")
+	for _, want := range []string{"vif7.0: client 10.137.0.30 removed", "backend directory removed", "firewall: stopped"} {
+		if !strings.Contains(fwProc.Output(), want) {
+			t.Errorf("no %q in the firewall's log", want)
+		}
 	}
 }
