@@ -326,7 +326,8 @@ func (c *Controller) LogStats(ctx context.Context, every time.Duration, extra fu
 		case <-t.C:
 		}
 		s := c.d.Stats()
-		line := fmt.Sprintf("firewall: %s; forwarded %d, nat %d, rejects %d, drops: %s", c.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.Drops.String())
+		line := fmt.Sprintf("firewall: %s; forwarded %d, nat %d, rejects %d, arp replies %d, echo replies %d, drops: %s",
+			c.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.ARPReplies, s.EchoReplies, s.Drops.String())
 		if extra != nil {
 			line += "; " + extra()
 		}

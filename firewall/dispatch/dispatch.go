@@ -1,7 +1,8 @@
 // Package dispatch is the firewall's forwarding engine: it takes Ethernet
 // frames from client links and the uplink, applies anti-spoofing, the Qubes
-// rules and NAT, and sends them on. It answers ARP and generates ICMP
-// rejects; everything else addressed to the firewall is dropped.
+// rules and NAT, and sends them on. It answers ARP, and ping on its own
+// address, and generates ICMP rejects; everything else addressed to the
+// firewall is dropped.
 //
 // Decide, then act: per frame, the dispatcher classifies under its lock,
 // rewrites the frame in place and queues it; the queued frames are written
@@ -38,6 +39,10 @@ type Config struct {
 	// RejectsPerSecond and RejectBurst limit ICMP rejects per client
 	// (default 10/s, burst 20).
 	RejectsPerSecond, RejectBurst float64
+	// EchoRepliesPerSecond and EchoReplyBurst limit the answers to ping
+	// of our address, per client and for the uplink side as a whole
+	// (default 10/s, burst 20).
+	EchoRepliesPerSecond, EchoReplyBurst float64
 	// LogBurst bounds per-packet log lines per second (default 20).
 	LogBurst int
 }
@@ -62,6 +67,7 @@ type Dispatcher struct {
 	nat      *nat.Table
 	local    map[uint16]*UDPConn // our own UDP sockets on the uplink IP
 	ipID     uint16
+	echoes   tokenBucket // echo replies to the uplink side
 	log      logLimiter
 	stats    Stats
 }
@@ -73,6 +79,7 @@ type client struct {
 	port    *Port
 	drops   Counters
 	rejects tokenBucket
+	echoes  tokenBucket // echo replies
 }
 
 // Uplink is the link to the netvm and our addresses on it.
@@ -120,6 +127,12 @@ func New(cfg Config) *Dispatcher {
 	if cfg.RejectBurst == 0 {
 		cfg.RejectBurst = 20
 	}
+	if cfg.EchoRepliesPerSecond == 0 {
+		cfg.EchoRepliesPerSecond = 10
+	}
+	if cfg.EchoReplyBurst == 0 {
+		cfg.EchoReplyBurst = 20
+	}
 	if cfg.LogBurst == 0 {
 		cfg.LogBurst = 20
 	}
@@ -133,6 +146,7 @@ func New(cfg Config) *Dispatcher {
 		local:    make(map[uint16]*UDPConn),
 		nat:      nat.New(cfg.NAT),
 		gwMAC:    FallbackMAC,
+		echoes:   tokenBucket{perSec: cfg.EchoRepliesPerSecond, burst: cfg.EchoReplyBurst},
 	}
 	if d.logf == nil {
 		d.logf = func(string, ...any) {}
@@ -212,6 +226,7 @@ func (d *Dispatcher) AddClient(ip [4]byte, mac [6]byte, p *Port) error {
 	d.clients[ip] = &client{
 		ip: ip, mac: mac, port: p,
 		rejects: tokenBucket{perSec: d.cfg.RejectsPerSecond, burst: d.cfg.RejectBurst},
+		echoes:  tokenBucket{perSec: d.cfg.EchoRepliesPerSecond, burst: d.cfg.EchoReplyBurst},
 	}
 	return nil
 }

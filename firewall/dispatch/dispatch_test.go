@@ -171,6 +171,24 @@ func checkValid(t testing.TB, frame []byte) header.Parsed {
 	return p
 }
 
+// rfc1071 is the Internet checksum computed the slow, obvious way, as an
+// oracle independent of package header: 0 over a region whose checksum
+// field is right.
+func rfc1071(b []byte) uint16 {
+	var s uint32
+	for i := 0; i < len(b); i += 2 {
+		w := uint32(b[i]) << 8
+		if i+1 < len(b) {
+			w |= uint32(b[i+1])
+		}
+		s += w
+	}
+	for s > 0xffff {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
+}
+
 func one(t testing.TB, frames [][]byte, what string) []byte {
 	t.Helper()
 	if len(frames) != 1 {
@@ -332,8 +350,9 @@ func TestClientToClientBlocked(t *testing.T) {
 }
 
 func TestToFirewallDropped(t *testing.T) {
+	// Ping is answered (echo_test.go); everything else is dropped.
 	n := newTestNet(t)
-	p := pkt{srcMAC: c1MAC, src: client1, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 1}
+	p := pkt{srcMAC: c1MAC, src: client1, dst: fwIP, proto: header.ProtoUDP, sport: 5000, dport: 53}
 	up, back := n.fromClient(0, p.bytes())
 	none(t, up, "uplink")
 	none(t, back, "client")
@@ -347,7 +366,7 @@ func TestInboundWithoutEntryDropped(t *testing.T) {
 	for _, p := range []pkt{
 		{srcMAC: gwMAC, src: remote, dst: fwIP, proto: header.ProtoTCP, sport: 443, dport: 40000, tcpFlags: header.TCPSyn},
 		{srcMAC: gwMAC, src: remote, dst: client1, proto: header.ProtoTCP, sport: 443, dport: 22, tcpFlags: header.TCPSyn},
-		{srcMAC: gwMAC, src: remote, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 1},
+		{srcMAC: gwMAC, src: remote, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEchoReply), dport: 1},
 	} {
 		c0, c1, up := n.fromUplink(p.bytes())
 		none(t, c0, "client 0")
@@ -490,26 +509,41 @@ func TestIPv6AndJunkCounted(t *testing.T) {
 	}
 }
 
-func TestBSDMode(t *testing.T) {
-	// No netfront: the netvm is client 0, reached through its vif; our
-	// address is the client side of that link.
-	n := &testNet{t: t, now: 1e9}
+// bsdNet is BSD netvm mode: no netfront; the netvm is client netvmIP on
+// port p0 (its peer end netvm), reached through its vif, and our address
+// (fwIP, the --ipv4 option) is the client side of that link; an AppVM
+// (client1) is on port p1 (peer appvm).
+type bsdNet struct {
+	*testNet
+	p0, p1       *Port
+	netvm, appvm *link.Pipe
+}
+
+var netvmIP = ip4("10.137.0.1")
+
+func newBSDNet(t *testing.T) *bsdNet {
+	n := &bsdNet{testNet: &testNet{t: t, now: 1e9}}
 	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }})
-	netvmIP := ip4("10.137.0.1")
 	a, netvm := link.NewPipe("vif1.0", vifMAC, "netvm", gwMAC, 1500)
-	p0 := n.d.Attach(a)
-	if err := n.d.AddClient(netvmIP, gwMAC, p0); err != nil {
+	n.p0, n.netvm = n.d.Attach(a), netvm
+	if err := n.d.AddClient(netvmIP, gwMAC, n.p0); err != nil {
 		t.Fatal(err)
 	}
 	n.d.SetRules(netvmIP, acceptRS)
 	b, appvm := link.NewPipe("vif2.0", vifMAC, "appvm", c1MAC, 1500)
-	p1 := n.d.Attach(b)
-	if err := n.d.AddClient(client1, c1MAC, p1); err != nil {
+	n.p1, n.appvm = n.d.Attach(b), appvm
+	if err := n.d.AddClient(client1, c1MAC, n.p1); err != nil {
 		t.Fatal(err)
 	}
 	n.d.SetRules(client1, acceptRS)
-	n.d.SetUplink(&Uplink{Port: p0, IP: fwIP, Gateway: netvmIP})
+	n.d.SetUplink(&Uplink{Port: n.p0, IP: fwIP, Gateway: netvmIP})
 	netvm.TryRead()
+	return n
+}
+
+func TestBSDMode(t *testing.T) {
+	n := newBSDNet(t)
+	p0, p1, netvm, appvm := n.p0, n.p1, n.netvm, n.appvm
 	p1.Input(toFrames([][]byte{pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 7, dport: 53}.bytes()}))
 	f := one(t, data(netvm.TryRead()), "to netvm")
 	p := checkValid(t, f)
@@ -547,21 +581,16 @@ func TestLocalUDP(t *testing.T) {
 	}
 }
 
-func TestFragmentsReassembledAndRefragmented(t *testing.T) {
-	n := newTestNet(t)
-	payload := make([]byte, 3000)
-	for i := range payload {
-		payload[i] = byte(i)
-	}
-	whole := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9000, payload: payload}.bytes()
-	// Cut the IP packet into 1000-byte fragments by hand.
-	ip := header.IPv4(whole[14:])
+// fragment cuts the IPv4 packet in frame into fragments of size payload
+// bytes (a multiple of 8), each a frame with frame's Ethernet header.
+func fragment(frame []byte, size int) [][]byte {
+	ip := header.IPv4(frame[14:])
 	data := ip.Payload()
 	var frags [][]byte
-	for off := 0; off < len(data); off += 1000 {
-		end := min(off+1000, len(data))
+	for off := 0; off < len(data); off += size {
+		end := min(off+size, len(data))
 		f := make([]byte, 14+20+end-off)
-		copy(f, whole[:34])
+		copy(f, frame[:34])
 		copy(f[34:], data[off:end])
 		h := header.IPv4(f[14:])
 		h.SetTotalLen(uint16(20 + end - off))
@@ -570,6 +599,17 @@ func TestFragmentsReassembledAndRefragmented(t *testing.T) {
 		h.SetChecksum(h.CalculateChecksum())
 		frags = append(frags, f)
 	}
+	return frags
+}
+
+func TestFragmentsReassembledAndRefragmented(t *testing.T) {
+	n := newTestNet(t)
+	payload := make([]byte, 3000)
+	for i := range payload {
+		payload[i] = byte(i)
+	}
+	whole := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9000, payload: payload}.bytes()
+	frags := fragment(whole, 1000)
 	// Reverse order, to be sure it is reassembly and not pass-through.
 	up, _ := n.fromClient(0, frags[3], frags[1], frags[0], frags[2])
 	if len(up) < 3 {

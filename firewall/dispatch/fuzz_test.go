@@ -10,9 +10,12 @@ import (
 )
 
 // FuzzDispatcher feeds random frames to random links. Whatever comes in,
-// the dispatcher must not panic, and every frame it puts on the uplink must
-// come from our uplink address: NAT never leaks a client address and
-// nothing is forwarded untranslated.
+// the dispatcher must not panic; every frame it puts on the uplink must
+// come from our uplink address (NAT never leaks a client address and
+// nothing is forwarded untranslated); every IPv4 frame it gives a client
+// is addressed to that client, and those from our own address are ICMP
+// (rejects, echo replies); and a frame is answered with an echo reply
+// exactly when the model answerable says so, never larger than it.
 func FuzzDispatcher(f *testing.F) {
 	seeds := [][]byte{
 		pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoTCP, sport: 40000, dport: 443, tcpFlags: header.TCPSyn}.bytes(),
@@ -23,6 +26,9 @@ func FuzzDispatcher(f *testing.F) {
 	for i, s := range seeds {
 		f.Add(uint8(i), s)
 	}
+	// Ping of our address, from client 0 (which 0) and the uplink (which 2).
+	f.Add(uint8(0), pkt{srcMAC: c1MAC, dstMAC: vifMAC, src: client1, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 9, payload: []byte("ping")}.bytes())
+	f.Add(uint8(2), pkt{srcMAC: gwMAC, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 9, payload: []byte("ping")}.bytes())
 	f.Fuzz(func(t *testing.T, which uint8, frame []byte) {
 		n := newTestNet(t)
 		n.d.logf = func(string, ...any) {}
@@ -33,7 +39,35 @@ func FuzzDispatcher(f *testing.F) {
 		n.upPeer.TryRead()
 		ports := []*Port{n.c[0], n.c[1], n.up}
 		p := ports[int(which)%len(ports)]
+		inLen := len(frame)
+		wantReply := answerable(frame, int(which)%len(ports))
 		p.Input([]link.Frame{{Data: frame, Offload: link.Offload{NeedsCsum: which&8 != 0, GSOType: uint8(which>>4) & 1}}})
+		echoReplies := 0
+		countEchoReply := func(pk *header.Parsed, out []byte) {
+			if pk.Kind != header.KindIPv4 || pk.Src != fwIP || pk.Proto != header.ProtoICMP || pk.ICMPType != header.ICMPEchoReply {
+				return
+			}
+			echoReplies++
+			if len(out) > inLen {
+				t.Fatalf("%d-byte echo reply to a %d-byte frame: %x", len(out), inLen, out)
+			}
+		}
+		for i, ip := range [][4]byte{client1, client2} {
+			for _, out := range n.cPeer[i].TryRead() {
+				var pk header.Parsed
+				pk.Decode(out.Data)
+				if pk.Kind != header.KindIPv4 {
+					continue
+				}
+				if pk.Dst != ip || header.Ethernet(out.Data).Dst() != [][6]byte{c1MAC, c2MAC}[i] {
+					t.Fatalf("client %v got a frame for %v: %x", ip, pk.Dst, out.Data)
+				}
+				if pk.Src == fwIP && pk.Proto != header.ProtoICMP {
+					t.Fatalf("client %v got protocol %d from us: %x", ip, pk.Proto, out.Data)
+				}
+				countEchoReply(&pk, out.Data)
+			}
+		}
 		for _, out := range n.upPeer.TryRead() {
 			var pk header.Parsed
 			pk.Decode(out.Data)
@@ -42,6 +76,7 @@ func FuzzDispatcher(f *testing.F) {
 				if pk.Src != fwIP {
 					t.Fatalf("uplink frame from %v: %x", pk.Src, out.Data)
 				}
+				countEchoReply(&pk, out.Data)
 			case header.KindARP:
 				if header.ARP(out.Data[14:]).SenderIP() != fwIP {
 					t.Fatalf("uplink ARP for another address: %x", out.Data)
@@ -50,7 +85,47 @@ func FuzzDispatcher(f *testing.F) {
 				t.Fatalf("uplink got a %v frame: %x", pk.Kind, out.Data)
 			}
 		}
+		if got := n.d.Stats().EchoReplies; uint64(echoReplies) != got || got > 1 {
+			t.Fatalf("%d echo replies seen, %d counted, for one frame", echoReplies, got)
+		}
+		if wantReply != (echoReplies == 1) {
+			t.Fatalf("%d echo replies, model says %v", echoReplies, wantReply)
+		}
 	})
+}
+
+// answerable is the fuzz target's model of the frames that get an echo
+// reply, written from the rules (not from the code, and reading raw
+// bytes, not package header): a whole, checksummed IPv4 ICMP echo request
+// of at most 1500 bytes to our address; from a client (port 0 or 1) with
+// that client's source, from the uplink (port 2) with a source that is
+// neither a client's nor ours nor a martian, sent by a unicast MAC.
+func answerable(frame []byte, port int) bool {
+	if len(frame) < 14+20 || frame[12] != 0x08 || frame[13] != 0x00 {
+		return false
+	}
+	ip := frame[14:]
+	ihl, total := int(ip[0]&0x0f)*4, int(ip[2])<<8|int(ip[3])
+	if ip[0]>>4 != 4 || ihl < 20 || total < ihl+8 || total > len(ip) || total > 1500 {
+		return false
+	}
+	if (int(ip[6])<<8|int(ip[7]))&0x3fff != 0 { // MF or an offset: a fragment
+		return false
+	}
+	icmp := ip[ihl:total]
+	src, dst := [4]byte(ip[12:16]), [4]byte(ip[16:20])
+	if ip[9] != 1 || dst != fwIP || icmp[0] != 8 || icmp[1] != 0 || rfc1071(ip[:ihl]) != 0 || rfc1071(icmp) != 0 {
+		return false
+	}
+	switch port {
+	case 0:
+		return src == client1
+	case 1:
+		return src == client2
+	}
+	mac := [6]byte(frame[6:12])
+	martian := src[0] == 0 || src[0] == 127 || src[0] >= 224
+	return src != client1 && src != client2 && src != fwIP && !martian && mac[0]&1 == 0 && mac != [6]byte{}
 }
 
 // BenchmarkFastPath forwards packets of an existing flow client -> uplink.

@@ -161,7 +161,12 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		d.drop(c, ReasonBroadcast)
 		return
 	case d.uplink != nil && dst == d.uplink.IP:
-		d.drop(c, ReasonToFirewall)
+		// Anti-spoofing has run; the client's rules do not apply here.
+		if isEchoRequest(pk) {
+			p.answerEcho(c, &c.echoes, c.mac, f, now)
+		} else {
+			d.drop(c, ReasonToFirewall)
+		}
 		return
 	}
 	if other, ok := d.clients[dst]; ok && !d.isBSDGateway(other) {
@@ -226,7 +231,9 @@ func (d *Dispatcher) isBSDGateway(c *client) bool {
 	return d.uplink != nil && d.uplink.Port == c.port && d.uplink.Gateway == c.ip
 }
 
-// fromUplink handles ARP on the uplink and IPv4 addressed to our uplink IP.
+// fromUplink handles ARP on the uplink and IPv4 addressed to our uplink IP:
+// ping is answered, replies to our own sockets and to NATed flows are
+// delivered, everything else is dropped.
 func (p *Port) fromUplink(f *link.Frame, now int64) {
 	d := p.d
 	u := d.uplink
@@ -244,6 +251,13 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 		if !p.reassemble(nil, f, now) {
 			return
 		}
+	}
+	if isEchoRequest(pk) {
+		// NAT entries translate replies; no request ever matches one.
+		// The reply goes back to the frame's sender: the gateway (or, in
+		// BSD mode, the netvm client).
+		p.answerEcho(nil, &d.echoes, header.Ethernet(f.Data).Src(), f, now)
+		return
 	}
 	if pk.Proto == header.ProtoUDP {
 		if conn, ok := d.local[pk.DstPort]; ok {

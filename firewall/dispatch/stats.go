@@ -15,7 +15,7 @@ const (
 	ReasonUnknownPort                  // frame on a link with no client
 	ReasonSpoof                        // client used a source address not its own
 	ReasonBroadcast                    // broadcast or multicast destination
-	ReasonToFirewall                   // IP traffic addressed to the firewall itself
+	ReasonToFirewall                   // IP traffic addressed to the firewall itself, other than ping
 	ReasonClientToClient               // between two clients: always blocked
 	ReasonRule                         // denied by the client's rules
 	ReasonNoUplink                     // no netvm connected
@@ -26,9 +26,10 @@ const (
 	ReasonNotForUs                     // inbound packet not addressed to our uplink IP
 	ReasonTTL                          // TTL expired
 	ReasonFragment                     // fragment reassembly refused or gave up
-	ReasonTooBig                       // larger than the outgoing MTU with DF set
+	ReasonTooBig                       // larger than the outgoing MTU with DF set, or a ping to us too large to answer
 	ReasonNoBuffer                     // no room to build a generated frame
 	ReasonLocal                        // for the firewall's own sockets, not accepted
+	ReasonEchoLimit                    // ping to us beyond the echo reply rate
 	numReasons
 )
 
@@ -36,7 +37,7 @@ var reasonNames = [numReasons]string{
 	"invalid", "ipv6", "ethertype", "unknown-port", "spoof", "broadcast",
 	"to-firewall", "client-to-client", "rule", "no-uplink", "nat-full",
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
-	"fragment", "too-big", "no-buffer", "local",
+	"fragment", "too-big", "no-buffer", "local", "echo-limit",
 }
 
 func (r Reason) String() string {
@@ -75,12 +76,13 @@ func (c *Counters) String() string {
 
 // Stats is a snapshot of the dispatcher's counters.
 type Stats struct {
-	Forwarded  uint64               // frames forwarded, either direction
-	Rejects    uint64               // ICMP rejects sent
-	ARPReplies uint64               // ARP replies sent
-	Drops      Counters             // every drop, by reason
-	Clients    map[[4]byte]Counters // drops by client IP
-	NATEntries int
+	Forwarded   uint64               // frames forwarded, either direction
+	Rejects     uint64               // ICMP rejects sent
+	ARPReplies  uint64               // ARP replies sent
+	EchoReplies uint64               // ICMP echo replies sent (ping of our address)
+	Drops       Counters             // every drop, by reason
+	Clients     map[[4]byte]Counters // drops by client IP
+	NATEntries  int
 }
 
 // logLimiter lets through at most burst lines per second of per-packet
@@ -108,7 +110,7 @@ func (l *logLimiter) log(now int64, format string, args ...any) {
 	l.logf(format, args...)
 }
 
-// tokenBucket rate-limits generated packets (ICMP rejects).
+// tokenBucket rate-limits generated packets (ICMP rejects, echo replies).
 type tokenBucket struct {
 	perSec, burst float64
 	tokens        float64

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -194,6 +195,24 @@ func TestFirewallEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("ping the firewall from the netvm and from clients", func(t *testing.T) {
+		e.t = t
+		// The client's rules are not consulted for ping of its gateway
+		// (as in the Linux firewall's input chain), even when they drop
+		// echo requests.
+		e.setRules(client1IP, "action=drop proto=icmp icmptype=8", "action=accept")
+		for _, from := range []*netnstest.NS{e.up1, e.cl1, e.cl2} {
+			if err := pingAll(from, fwIP1, 3); err != nil {
+				t.Errorf("from %s: %v", from.Name, err)
+			}
+		}
+		// Nothing else addressed to the firewall is answered.
+		if c, err := e.cl1.Dial("tcp4", fwIP1+":7", 2*time.Second); err == nil {
+			c.Close()
+			t.Fatal("a TCP connection to the firewall's address was answered")
+		}
+	})
+
 	t.Run("dns needs a specialtarget rule", func(t *testing.T) {
 		e.t = t
 		e.setRules(client1IP, "action=accept proto=tcp")
@@ -357,5 +376,25 @@ func TestFirewallEndToEnd(t *testing.T) {
 			t.Fatal("netvm 2 did not see the firewall's new address")
 		}
 		netnstest.WaitFor(t, "dsthost resolved through netvm 2", waitLimit, func() bool { return netnstest.TCPEcho(e.cl1, onlyNet2+":7") == nil })
+		// Ping follows the new address.
+		for _, from := range []*netnstest.NS{e.up2, e.cl1} {
+			if err := pingAll(from, fwIP2, 3); err != nil {
+				t.Errorf("from %s: %v", from.Name, err)
+			}
+		}
 	})
+}
+
+// pingAll sends count echo requests from n to ip with iputils ping and
+// fails unless every one is answered.
+func pingAll(n *netnstest.NS, ip string, count int) error {
+	c := strconv.Itoa(count)
+	out, err := n.Command(context.Background(), "ping", "-n", "-c", c, "-i", "0.2", "-W", "5", ip).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ping -c %s %s: %v\n%s", c, ip, err, out)
+	}
+	if want := c + " packets transmitted, " + c + " received"; !strings.Contains(string(out), want) {
+		return fmt.Errorf("ping -c %s %s: not all answered\n%s", c, ip, out)
+	}
+	return nil
 }
