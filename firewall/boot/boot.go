@@ -270,3 +270,21 @@ func Halt(reboot bool) {
 	}
 	select {}
 }
+
+// LinkSelf makes path (below root) a symbolic link to /init, the running
+// program, creating its directory; an existing file there is replaced.
+// The kernel runs fixed helper paths (/sbin/poweroff, /sbin/reboot) that
+// the image does not ship as files.
+func LinkSelf(root, path string) error {
+	p := filepath.Join(root, path)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return fmt.Errorf("link %s: %w", path, err)
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("link %s: %w", path, err)
+	}
+	if err := os.Symlink("/init", p); err != nil {
+		return fmt.Errorf("link %s: %w", path, err)
+	}
+	return nil
+}

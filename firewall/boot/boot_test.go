@@ -2,6 +2,8 @@ package boot
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -64,4 +66,19 @@ func FuzzParseCmdline(f *testing.F) {
 			t.Fatalf("non-IPv4 address accepted from %q", s)
 		}
 	})
+}
+
+func TestLinkSelf(t *testing.T) {
+	root := t.TempDir()
+	if err := LinkSelf(root, "/sbin/reboot"); err != nil {
+		t.Fatal(err)
+	}
+	// Again, over the existing link: the helper paths are recreated at
+	// every boot.
+	if err := LinkSelf(root, "/sbin/reboot"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.Readlink(filepath.Join(root, "sbin", "reboot")); err != nil || got != "/init" {
+		t.Fatalf("link = %q, %v; want /init", got, err)
+	}
 }

@@ -76,10 +76,13 @@ func main() {
 		runPID1()
 		return
 	}
-	if len(os.Args) == 2 && os.Args[1] == poweroffArg {
-		// Run by the kernel (poweroff_cmd) for dom0's "poweroff" or
-		// "halt" request: pass it on to PID 1.
-		unix.Kill(1, unix.SIGTERM)
+	if sig, ok := shutdownHelper(os.Args[0]); ok {
+		// Run by the kernel as /sbin/poweroff or /sbin/reboot for one of
+		// dom0's requests: pass it on to PID 1 (see runPID1).
+		if err := unix.Kill(1, sig); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: signal PID 1: %v\n", os.Args[0], err)
+			os.Exit(1)
+		}
 		return
 	}
 	logger := log.New(os.Stderr, "", log.LstdFlags|log.Lmicroseconds)

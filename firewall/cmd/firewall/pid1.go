@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -24,9 +25,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// poweroffArg is what the kernel runs us with (poweroff_cmd) when it
-// handled dom0's poweroff request itself.
-const poweroffArg = "--poweroff"
+// The programs the kernel runs for dom0's requests (kernel/reboot.c:
+// orderly_poweroff runs poweroff_cmd, "/sbin/poweroff" by default;
+// orderly_reboot runs "/sbin/reboot", a fixed path). PID 1 links both to
+// itself at boot.
+const poweroffHelper, rebootHelper = "/sbin/poweroff", "/sbin/reboot"
+
+// shutdownHelper reports whether the program runs as one of the helpers,
+// judging by the name it was started as, and the signal it sends PID 1.
+func shutdownHelper(argv0 string) (unix.Signal, bool) {
+	switch filepath.Base(argv0) {
+	case filepath.Base(poweroffHelper):
+		return unix.SIGTERM, true
+	case filepath.Base(rebootHelper):
+		return unix.SIGINT, true
+	}
+	return 0, false
+}
 
 // qubesDBPort is QubesDB's vchan port; dom0 is the server.
 const qubesDBPort = 111
@@ -39,16 +54,25 @@ func runPID1() {
 	logger := log.New(os.Stderr, "qubes-go-firewall: ", log.Lmicroseconds|log.Lmsgprefix)
 	logf := logger.Printf
 	logf("started (pid %d)", os.Getpid())
+	// If the firewall dies, the report must say why: every goroutine's
+	// stack, not only the one that panicked. The runtime writes it straight
+	// to the console, which the kernel's Xen console driver copies into the
+	// console ring before the write returns; the kernel then panics and
+	// waits (panic= in the built-in command line) so that xenconsoled reads
+	// the ring before the domain is restarted or destroyed.
+	debug.SetTraceback("all")
 	// Shutdown has one path, the kernel's. With CONFIG_XEN the guest
 	// kernel always watches control/shutdown itself (drivers/xen/manage.c
 	// shutdown_handler) and acknowledges dom0's request in a transaction
 	// before a user-space watcher could even read it; so the firewall does
 	// not watch the key at all, and PID 1 handles what the kernel does with
-	// the request instead: "poweroff" and "halt" run orderly_poweroff,
-	// which executes poweroff_cmd (set below to "/init --poweroff", which
-	// sends SIGTERM to PID 1); "reboot" runs ctrl_alt_del, which sends
-	// SIGINT to PID 1 once ctrl-alt-del is off. Signals first, so that no
-	// request is lost while PID 1 boots.
+	// the request instead: "poweroff" and "halt" run orderly_poweroff, which
+	// executes /sbin/poweroff; "reboot" runs orderly_reboot, which executes
+	// /sbin/reboot (Debian's 6.1; other kernels call ctrl_alt_del, which
+	// sends SIGINT to PID 1 once ctrl-alt-del is off). Both names are links
+	// to this binary, which then sends PID 1 SIGTERM or SIGINT. Without the
+	// links, the kernel forces an immediate power-off or reset. Signals
+	// first, so that no request is lost while PID 1 boots.
 	sig := make(chan os.Signal, 2)
 	signal.Notify(sig, unix.SIGTERM, unix.SIGINT)
 	if err := boot.Mount(); err != nil {
@@ -57,8 +81,10 @@ func runPID1() {
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
 		logf("ctrl-alt-del off: %v (a reboot request resets the VM at once)", err)
 	}
-	if err := os.WriteFile("/proc/sys/kernel/poweroff_cmd", []byte("/init "+poweroffArg), 0); err != nil {
-		logf("poweroff_cmd: %v (dom0's poweroff requests will go unanswered)", err)
+	for _, h := range []string{poweroffHelper, rebootHelper} {
+		if err := boot.LinkSelf("/", h); err != nil {
+			logf("%v (dom0's requests will end the VM without a clean stop)", err)
+		}
 	}
 	go boot.ReapChildren()
 	cmdline, err := os.ReadFile("/proc/cmdline")
@@ -83,9 +109,9 @@ func runPID1() {
 		switch s := <-sig; s {
 		case unix.SIGINT:
 			reboot.Store(true)
-			logf("%v: reboot requested (the kernel's ctrl-alt-del)", s)
+			logf("%v: reboot requested (by the kernel's /sbin/reboot or ctrl-alt-del)", s)
 		default:
-			logf("%v: poweroff requested (the kernel's poweroff_cmd)", s)
+			logf("%v: poweroff requested (by the kernel's /sbin/poweroff)", s)
 		}
 		cancel()
 	}()
