@@ -308,7 +308,10 @@ func (c *Controller) Describe() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	up := "down"
-	if c.port != nil {
+	switch {
+	case c.static != nil:
+		up = fmt.Sprintf("%s ip=%v gw=%v (BSD netvm)", c.static.Port.Link().Name(), netip.AddrFrom4(c.static.IP), netip.AddrFrom4(c.static.Gateway))
+	case c.port != nil:
 		up = fmt.Sprintf("%s ip=%s gw=%s", c.port.Link().Name(), c.uplink.IP, c.uplink.Gateway)
 	}
 	return fmt.Sprintf("uplink %s, %d clients with rules, dns %v", up, len(c.rulesets), c.dns)
