@@ -2,31 +2,12 @@ package dispatch
 
 import (
 	"encoding/binary"
-	"encoding/hex"
-	"strings"
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/fixture"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 )
-
-// unhex decodes an annotated hex dump: everything after '#' on a line is a
-// comment, whitespace is ignored.
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	var clean strings.Builder
-	for _, line := range strings.Split(s, "\n") {
-		if i := strings.IndexByte(line, '#'); i >= 0 {
-			line = line[:i]
-		}
-		clean.WriteString(strings.Join(strings.Fields(line), ""))
-	}
-	b, err := hex.DecodeString(clean.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
 
 // Client 1 pings its gateway, the firewall's address, with TTL 1 (a
 // packet for us is not forwarded: its TTL does not matter).
@@ -49,7 +30,7 @@ const echoReplyHex = `
 `
 
 func TestEchoFromClient(t *testing.T) {
-	req, want := unhex(t, echoRequestHex), unhex(t, echoReplyHex)
+	req, want := fixture.Hex(t, echoRequestHex), fixture.Hex(t, echoReplyHex)
 	for what, f := range map[string][]byte{"request": req, "reply": want} {
 		if rfc1071(f[14:34]) != 0 || rfc1071(f[34:]) != 0 {
 			t.Fatalf("%s fixture: wrong checksums", what)

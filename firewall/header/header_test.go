@@ -2,29 +2,11 @@ package header
 
 import (
 	"encoding/binary"
-	"encoding/hex"
 	"math/rand/v2"
-	"strings"
 	"testing"
-)
 
-// unhex decodes an annotated hex dump: everything after '#' on a line is a
-// comment, whitespace is ignored.
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	var clean strings.Builder
-	for _, line := range strings.Split(s, "\n") {
-		if i := strings.IndexByte(line, '#'); i >= 0 {
-			line = line[:i]
-		}
-		clean.WriteString(strings.Join(strings.Fields(line), ""))
-	}
-	b, err := hex.DecodeString(clean.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/fixture"
+)
 
 // A TCP SYN from 10.137.0.5:40000 to 93.184.216.34:443 as a client sends it.
 const synFrame = `
@@ -67,7 +49,7 @@ func transportValid(f []byte) bool {
 }
 
 func TestDecodeSYN(t *testing.T) {
-	f := unhex(t, synFrame)
+	f := fixture.Hex(t, synFrame)
 	fixChecksums(f)
 	var p Parsed
 	p.Decode(f)
@@ -83,7 +65,7 @@ func TestDecodeSYN(t *testing.T) {
 }
 
 func TestDecodeRejectsInconsistentLengths(t *testing.T) {
-	base := unhex(t, synFrame)
+	base := fixture.Hex(t, synFrame)
 	cases := []struct {
 		name   string
 		mutate func(f []byte) []byte
@@ -122,7 +104,7 @@ func TestDecodeKinds(t *testing.T) {
 	PutEthernet(other, BroadcastMAC, [6]byte{2}, 0x88cc)
 	badARP := append([]byte(nil), arp...)
 	badARP[EthernetLen+4] = 8 // hlen 8
-	frag := unhex(t, synFrame)
+	frag := fixture.Hex(t, synFrame)
 	frag[14+6] = 0x20 // MF
 	for _, c := range []struct {
 		f    []byte
@@ -183,7 +165,7 @@ func TestSumMatchesReference(t *testing.T) {
 func TestRewriteKeepsChecksumsValid(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	for i := 0; i < 2000; i++ {
-		f := unhex(t, synFrame)
+		f := fixture.Hex(t, synFrame)
 		switch i % 3 {
 		case 1:
 			f[23] = ProtoUDP
@@ -223,7 +205,7 @@ func TestRewriteKeepsChecksumsValid(t *testing.T) {
 }
 
 func TestRewritePartialChecksum(t *testing.T) {
-	f := unhex(t, synFrame)
+	f := fixture.Hex(t, synFrame)
 	fixChecksums(f)
 	// What a sender with checksum offload leaves in the field: the folded
 	// pseudo-header sum.
@@ -244,7 +226,7 @@ func TestRewritePartialChecksum(t *testing.T) {
 }
 
 func TestUDPZeroChecksumStaysZero(t *testing.T) {
-	f := unhex(t, synFrame)
+	f := fixture.Hex(t, synFrame)
 	f[23] = ProtoUDP
 	binary.BigEndian.PutUint16(f[14+20+4:], 24)
 	fixChecksums(f)
@@ -258,7 +240,7 @@ func TestUDPZeroChecksumStaysZero(t *testing.T) {
 }
 
 func TestDecTTL(t *testing.T) {
-	f := unhex(t, synFrame)
+	f := fixture.Hex(t, synFrame)
 	ip := IPv4(f[14:])
 	f[22] = 1
 	if ip.DecTTL() || ip.TTL() != 1 {
@@ -267,7 +249,7 @@ func TestDecTTL(t *testing.T) {
 }
 
 func TestDecodeDoesNotAllocate(t *testing.T) {
-	f := unhex(t, synFrame)
+	f := fixture.Hex(t, synFrame)
 	fixChecksums(f)
 	var p Parsed
 	allocs := testing.AllocsPerRun(100, func() {
@@ -280,7 +262,7 @@ func TestDecodeDoesNotAllocate(t *testing.T) {
 }
 
 func FuzzDecode(f *testing.F) {
-	f.Add(unhex(f, synFrame))
+	f.Add(fixture.Hex(f, synFrame))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		var p Parsed
@@ -299,7 +281,7 @@ func FuzzDecode(f *testing.F) {
 }
 
 func BenchmarkDecodeRewrite(b *testing.B) {
-	f := unhex(b, synFrame)
+	f := fixture.Hex(b, synFrame)
 	fixChecksums(f)
 	var p Parsed
 	b.ReportAllocs()

@@ -3,10 +3,8 @@ package nat
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/hex"
 	"math/bits"
 	"math/rand/v2"
-	"strings"
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
@@ -189,23 +187,6 @@ func sameBytes(t testing.TB, what string, got, want []byte) {
 	if !bytes.Equal(got, want) {
 		t.Errorf("%s:\n got % x\nwant % x", what, got, want)
 	}
-}
-
-// unhex decodes an annotated hex dump: '#' starts a comment.
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	var clean strings.Builder
-	for _, line := range strings.Split(s, "\n") {
-		if i := strings.IndexByte(line, '#'); i >= 0 {
-			line = line[:i]
-		}
-		clean.WriteString(strings.Join(strings.Fields(line), ""))
-	}
-	b, err := hex.DecodeString(clean.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 func testRand(seed uint64) func() uint32 { return rand.New(rand.NewPCG(seed, 7)).Uint32 }

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/fixture"
 )
 
 // outbound creates an entry for a client frame and translates it.
@@ -101,7 +102,7 @@ fe ff ff ff ff ff  00 16 3e 5e 6c 00  08 00     # Ethernet: dst, src, IPv4
 
 func TestTCPRoundTrip(t *testing.T) {
 	tb := newTable(t, Config{MaxEntries: 16})
-	f := unhex(t, synHex)
+	f := fixture.Hex(t, synHex)
 	sameBytes(t, "fixture", f, ipFrame(header.ProtoTCP, client, remote, tcpSeg(40000, 443, header.TCPSyn, "")))
 	e := outbound(t, tb, f, 0)
 	nat := e.NATPort()

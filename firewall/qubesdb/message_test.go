@@ -2,23 +2,14 @@ package qubesdb
 
 import (
 	"bytes"
-	"encoding/hex"
 	"errors"
 	"io"
 	"runtime"
 	"strings"
 	"testing"
-)
 
-// unhex joins annotated hex fragments (spaces ignored).
-func unhex(t testing.TB, parts ...string) []byte {
-	t.Helper()
-	b, err := hex.DecodeString(strings.ReplaceAll(strings.Join(parts, ""), " ", ""))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/fixture"
+)
 
 // header builds a raw header; path is copied as is (no NUL added if it
 // fills all 64 bytes).
@@ -35,7 +26,7 @@ func header(typ byte, path string, dataLen uint32) []byte {
 
 func TestVector(t *testing.T) {
 	// WRITE /qubes-ip = 10.137.0.5, as an x86 qubesdb-daemon lays it out.
-	wire := unhex(t,
+	wire := fixture.Hex(t,
 		"01",                            // type: QDB_CMD_WRITE
 		"2f 71 75 62 65 73 2d 69 70",    // path: "/qubes-ip"
 		strings.Repeat("00", 64-9),      // rest of path[64], NUL-filled
