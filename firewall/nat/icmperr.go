@@ -25,11 +25,20 @@ type quote struct {
 // quotedIP is where the quoted IP header starts in an ICMP error.
 const quotedIP = header.ICMPv4MinLen
 
+// MaxClientErrorLen bounds the IP length of an ICMP error a client may send
+// out: RFC 1812 4.3.2.3 keeps errors within 576 bytes, and a longer quote
+// is only room for data the rules did not allow out.
+const MaxClientErrorLen = 576
+
 // icmpError returns the ICMP message of an error packet p describes in
 // frame, if it is a well-formed one with a correct checksum: the quote is
 // hostile input, and translating a corrupt message would launder it.
+// Redirects and source quench are never translated: a redirect across NAT
+// would point a host at a router on another network, and source quench is
+// deprecated (RFC 6633); Linux conntrack's NAT does not pass them either.
 func icmpError(frame []byte, p *header.Parsed) ([]byte, bool) {
-	if p.Kind != header.KindIPv4 || p.Fragment || p.Proto != header.ProtoICMP || !header.ICMPIsError(p.ICMPType) {
+	if p.Kind != header.KindIPv4 || p.Fragment || p.Proto != header.ProtoICMP || !header.ICMPIsError(p.ICMPType) ||
+		p.ICMPType == header.ICMPRedirect || p.ICMPType == header.ICMPSourceQuench {
 		return nil, false
 	}
 	m := frame[p.L4Off:p.End]
@@ -106,14 +115,21 @@ func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) 
 // packet it received through NAT (remote -> client:port): the quote
 // becomes remote -> uplinkIP:natport and the outer source the uplink
 // address. It returns the flow's entry, or nil if the packet must be
-// dropped.
+// dropped: malformed, longer than MaxClientErrorLen, not quoting a packet
+// the client received, or not addressed to the flow's remote end. The last
+// is what keeps errors from being a way around the rules: a client may only
+// tell the remote end of one of its flows about that flow, as conntrack
+// requires of related ICMP.
 func (t *Table) TranslateICMPErrorOut(frame []byte, p *header.Parsed, now int64) *Entry {
+	if p.End-p.IPOff > MaxClientErrorLen {
+		return nil
+	}
 	m, ok := icmpError(frame, p)
 	if !ok {
 		return nil
 	}
 	q, ok := parseQuote(m)
-	if !ok || q.key.Dst != p.Src {
+	if !ok || q.key.Dst != p.Src || q.key.Src != p.Dst {
 		return nil
 	}
 	k := Tuple{Proto: q.key.Proto, Src: q.key.Dst, Dst: q.key.Src, SrcPort: q.key.DstPort, DstPort: q.key.SrcPort}

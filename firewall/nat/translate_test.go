@@ -382,3 +382,61 @@ func TestICMPErrorOutQuotingEchoReply(t *testing.T) {
 	sameBytes(t, "error out", er, ipFrame(header.ProtoICMP, uplink, remote, icmpErr(header.ICMPParamProblem, 0, 0, sent[14:])))
 	checkFrame(t, er)
 }
+
+// A client may only report an error about one of its flows to that flow's
+// remote end. Before, the outer destination was not checked: a client
+// allowed only DNS sent a 1,071-byte "port unreachable" quoting its DNS
+// reply to an arbitrary host, and it was NATed and sent.
+func TestICMPErrorOutOnlyToTheFlowsRemote(t *testing.T) {
+	tb := newTable(t, Config{MaxEntries: 16})
+	e := outbound(t, tb, ipFrame(header.ProtoUDP, client, remote, udpDgram(40000, 53, "query")), 0)
+	r := ipFrame(header.ProtoUDP, remote, uplink, udpDgram(53, e.NATPort(), string(make([]byte, 1000))))
+	inbound(t, tb, r, e, 0)
+	stranger := [4]byte{203, 0, 113, 99}
+	for _, tc := range []struct {
+		name  string
+		typ   uint8
+		outer [4]byte
+		n     int // bytes of the reply quoted
+		want  bool
+	}{
+		{"to the remote, 28 bytes", header.ICMPDestUnreach, remote, 28, true},
+		{"to the remote, 548 bytes: 576 in all", header.ICMPDestUnreach, remote, 548, true},
+		{"to another host", header.ICMPDestUnreach, stranger, 28, false},
+		{"to another host, whole reply", header.ICMPDestUnreach, stranger, len(r) - 14, false},
+		{"to the remote, 577 bytes in all", header.ICMPDestUnreach, remote, 549, false},
+		{"to the remote, whole reply", header.ICMPDestUnreach, remote, len(r) - 14, false},
+		{"redirect", header.ICMPRedirect, remote, 28, false},
+		{"source quench", header.ICMPSourceQuench, remote, 28, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			er := ipFrame(header.ProtoICMP, client, tc.outer, icmpErr(tc.typ, header.ICMPPortUnreach, 0, slices.Clone(r[14:14+tc.n])))
+			before := slices.Clone(er)
+			got := tb.TranslateICMPErrorOut(er, decode(t, er), sec)
+			if (got != nil) != tc.want {
+				t.Fatalf("translated = %v, want %v", got != nil, tc.want)
+			}
+			if !tc.want {
+				sameBytes(t, "refused frame", er, before)
+			}
+		})
+	}
+}
+
+// Redirects and source quench from the uplink are not translated either.
+func TestICMPErrorInRedirectRefused(t *testing.T) {
+	tb := newTable(t, Config{MaxEntries: 16})
+	f := ipFrame(header.ProtoUDP, client, remote, udpDgram(40000, 5000, "payload"))
+	e := outbound(t, tb, f, 0)
+	for _, typ := range []uint8{header.ICMPRedirect, header.ICMPSourceQuench} {
+		er := ipFrame(header.ProtoICMP, remote, uplink, icmpErr(typ, 1, 0, slices.Clone(f[14:14+28])))
+		if got := tb.TranslateICMPErrorIn(er, decode(t, er), sec); got != nil {
+			t.Errorf("type %d translated (entry %p, flow %p)", typ, got, e)
+		}
+	}
+	// The same quote as "port unreachable" is.
+	er := ipFrame(header.ProtoICMP, remote, uplink, icmpErr(header.ICMPDestUnreach, header.ICMPPortUnreach, 0, slices.Clone(f[14:14+28])))
+	if tb.TranslateICMPErrorIn(er, decode(t, er), sec) != e {
+		t.Error("port unreachable not translated")
+	}
+}
