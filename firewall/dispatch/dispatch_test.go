@@ -47,10 +47,14 @@ type testNet struct {
 	cPeer  [2]*link.Pipe
 }
 
-func newTestNet(t testing.TB) *testNet {
+func newTestNet(t testing.TB) *testNet { return newTestNetMTU(t, 1500) }
+
+// newTestNetMTU is newTestNet with an uplink of the given MTU (the client
+// links keep 1500).
+func newTestNetMTU(t testing.TB, upMTU int) *testNet {
 	n := &testNet{t: t, now: 1e9}
 	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }})
-	upA, upB := link.NewPipe("eth0", upMAC, "netvm", gwMAC, 1500)
+	upA, upB := link.NewPipe("eth0", upMAC, "netvm", gwMAC, upMTU)
 	n.up, n.upPeer = n.d.Attach(upA), upB
 	for i, ip := range [][4]byte{client1, client2} {
 		a, b := link.NewPipe("vif", vifMAC, "client", [][6]byte{c1MAC, c2MAC}[i], 1500)

@@ -82,6 +82,12 @@ func (p *Port) input(f *link.Frame, now int64) {
 	pk.Decode(f.Data)
 	u := d.uplink
 	isUplink := u != nil && u.Port == p
+	if pk.Kind == header.KindIPv4 && pk.Options {
+		// Neither side needs options, and a source route could name
+		// another client as the next hop.
+		d.drop(p.clientLocked(pk), ReasonIPOptions)
+		return
+	}
 	if isUplink && (pk.Kind == header.KindARP || pk.Kind == header.KindIPv4 && pk.Dst == u.IP) {
 		p.fromUplink(f, now)
 		return
@@ -160,6 +166,9 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 	case dst[0] >= 224 || dst == [4]byte{255, 255, 255, 255}:
 		d.drop(c, ReasonBroadcast)
 		return
+	case dst[0] == 0 || dst[0] == 127:
+		d.drop(c, ReasonMartian)
+		return
 	case d.uplink != nil && dst == d.uplink.IP:
 		// Anti-spoofing has run; the client's rules do not apply here.
 		if isEchoRequest(pk) {
@@ -183,12 +192,22 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		d.drop(c, ReasonTTL)
 		return
 	}
+	if tooBig(f, pk, u.Port.mtu) {
+		// Decided before NAT: "fragmentation needed" must quote the
+		// header the client sent, or its kernel cannot match it to the
+		// socket and path MTU discovery black-holes the connection.
+		d.drop(c, ReasonTooBig)
+		if !(pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType)) {
+			p.fragNeeded(c, f.Data, u.Port.mtu)
+		}
+		return
+	}
 	mode := csumMode(f)
 	var e *nat.Entry
 	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
 		// An error about a packet the client received through NAT.
 		if e = d.nat.TranslateICMPErrorOut(f.Data, pk, now); e == nil {
-			d.drop(c, ReasonNoEntry)
+			d.drop(c, ReasonICMPError)
 			return
 		}
 	} else if e = d.nat.LookupOut(pk, now); e != nil {
@@ -222,7 +241,7 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
 	header.Ethernet(f.Data).SetSrc(u.Port.mac)
 	header.Ethernet(f.Data).SetDst(d.gwMAC)
-	p.forward(c, u.Port, f, true)
+	p.forward(c, u.Port, f)
 }
 
 // isBSDGateway reports whether c is the netvm in BSD mode, which receives
@@ -287,7 +306,7 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
 	header.Ethernet(f.Data).SetSrc(c.port.mac)
 	header.Ethernet(f.Data).SetDst(c.mac)
-	p.forward(c, c.port, f, false)
+	p.forward(c, c.port, f)
 }
 
 func (d *Dispatcher) isBSDGatewayIP(ip [4]byte) bool {
@@ -303,11 +322,19 @@ func csumMode(f *link.Frame) header.CsumMode {
 	return header.CsumFull
 }
 
+// tooBig reports whether f cannot go out on a link of the given MTU: it
+// is larger, may not be fragmented, and has no segmentation offload (the
+// transmitting kernel cuts those to size).
+func tooBig(f *link.Frame, pk *header.Parsed, mtu int) bool {
+	return f.Offload.GSOType == link.GSONone && pk.End-pk.IPOff > mtu &&
+		header.IPv4(f.Data[pk.IPOff:pk.End]).DontFragment()
+}
+
 // forward sends the rewritten frame f to port to, fragmenting it when it
 // exceeds the link's MTU. Frames with segmentation offload are cut by the
-// transmitting kernel and go as they are. outbound says f came from client
-// c, so an ICMP "fragmentation needed" can be returned to it.
-func (p *Port) forward(c *client, to *Port, f *link.Frame, outbound bool) {
+// transmitting kernel and go as they are. Outbound DF packets that do not
+// fit were answered before NAT (fromClient); an inbound one is dropped.
+func (p *Port) forward(c *client, to *Port, f *link.Frame) {
 	d := p.d
 	pk := &p.parsed
 	ipLen := pk.End - pk.IPOff
@@ -320,9 +347,6 @@ func (p *Port) forward(c *client, to *Port, f *link.Frame, outbound bool) {
 	ip := header.IPv4(f.Data[pk.IPOff:pk.End])
 	if ip.DontFragment() {
 		d.drop(c, ReasonTooBig)
-		if outbound {
-			p.fragNeeded(c, f.Data, to.mtu)
-		}
 		return
 	}
 	if f.Offload.NeedsCsum {

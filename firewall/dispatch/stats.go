@@ -30,6 +30,9 @@ const (
 	ReasonNoBuffer                     // no room to build a generated frame
 	ReasonLocal                        // for the firewall's own sockets, not accepted
 	ReasonEchoLimit                    // ping to us beyond the echo reply rate
+	ReasonICMPError                    // client ICMP error not about one of its flows, to that flow's remote, within 576 bytes
+	ReasonIPOptions                    // IPv4 header with options (source routes, record route...)
+	ReasonMartian                      // destination in 0.0.0.0/8 or 127.0.0.0/8
 	numReasons
 )
 
@@ -37,7 +40,8 @@ var reasonNames = [numReasons]string{
 	"invalid", "ipv6", "ethertype", "unknown-port", "spoof", "broadcast",
 	"to-firewall", "client-to-client", "rule", "no-uplink", "nat-full",
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
-	"fragment", "too-big", "no-buffer", "local", "echo-limit",
+	"fragment", "too-big", "no-buffer", "local", "echo-limit", "icmp-error",
+	"ip-options", "martian",
 }
 
 func (r Reason) String() string {

@@ -106,10 +106,14 @@ func TestDecodeKinds(t *testing.T) {
 	badARP[EthernetLen+4] = 8 // hlen 8
 	frag := fixture.Hex(t, synFrame)
 	frag[14+6] = 0x20 // MF
+	IPv4(frag[14:]).SetChecksum(0)
+	IPv4(frag[14:]).SetChecksum(IPv4(frag[14:]).CalculateChecksum())
+	badSum := fixture.Hex(t, synFrame)
+	badSum[14+10]++
 	for _, c := range []struct {
 		f    []byte
 		want Kind
-	}{{arp, KindARP}, {v6, KindIPv6}, {other, KindOther}, {badARP, KindInvalid}, {arp[:40], KindInvalid}} {
+	}{{arp, KindARP}, {v6, KindIPv6}, {other, KindOther}, {badARP, KindInvalid}, {arp[:40], KindInvalid}, {badSum, KindInvalid}} {
 		var p Parsed
 		p.Decode(c.f)
 		if p.Kind != c.want {

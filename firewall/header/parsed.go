@@ -41,11 +41,13 @@ type Parsed struct {
 	ICMPType         uint8
 	ICMPCode         uint8
 	ICMPIdent        uint16 // for ICMP queries
+	Options          bool   // the IPv4 header carries options
 }
 
 // Decode parses frame. Every offset it records lies within frame, and
 // every header it reports is complete: a frame that is truncated, whose
-// lengths disagree, or whose transport header does not fit is KindInvalid.
+// lengths disagree, whose IP header checksum is wrong, or whose transport
+// header does not fit is KindInvalid.
 func (p *Parsed) Decode(frame []byte) {
 	*p = Parsed{}
 	if len(frame) < EthernetLen {
@@ -68,9 +70,12 @@ func (p *Parsed) Decode(frame []byte) {
 		return
 	}
 	ip := IPv4(frame[EthernetLen:])
-	if !ip.IsValid() {
+	if !ip.IsValid() || !ip.ChecksumValid() {
+		// A corrupt header is not forwarded with a fresh checksum
+		// after NAT rewrites it.
 		return
 	}
+	p.Options = ip.HeaderLen() > IPv4MinLen
 	p.IPOff = EthernetLen
 	p.L4Off = EthernetLen + ip.HeaderLen()
 	p.End = EthernetLen + int(ip.TotalLen())
