@@ -207,7 +207,9 @@ func (c *Controller) SetStaticUplink(u *dispatch.Uplink, dns []netip.Addr) {
 	c.dns = dns
 	c.mu.Unlock()
 	c.d.SetDNS(dns)
-	c.d.SetUplink(u)
+	if err := c.d.SetUplink(u); err != nil {
+		c.logf("control: BSD netvm uplink refused: %v", err)
+	}
 }
 
 // reconcile makes the dispatcher's uplink match the settings: open the
@@ -244,7 +246,11 @@ func (c *Controller) reconcile(reopen bool) {
 		go c.serveUplink(c.port, c.portDone)
 	}
 	c.wantRetry = false
-	c.d.SetUplink(&dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()})
+	if err := c.d.SetUplink(&dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()}); err != nil {
+		// Fail closed: the link stays open but nothing goes out until
+		// QubesDB gives usable addressing.
+		c.logf("control: QubesDB uplink settings refused, uplink down: %v", err)
+	}
 }
 
 func (c *Controller) serveUplink(p *dispatch.Port, done chan struct{}) {
@@ -331,6 +337,9 @@ func (c *Controller) LogStats(ctx context.Context, every time.Duration, extra fu
 		s := c.d.Stats()
 		line := fmt.Sprintf("firewall: %s; forwarded %d, nat %d, rejects %d, arp replies %d, echo replies %d, drops: %s",
 			c.Describe(), s.Forwarded, s.NATEntries, s.Rejects, s.ARPReplies, s.EchoReplies, s.Drops.String())
+		if s.ARPIgnored > 0 || s.UplinksRefused > 0 {
+			line += fmt.Sprintf("; gateway ARP ignored %d, uplink settings refused %d", s.ARPIgnored, s.UplinksRefused)
+		}
 		if extra != nil {
 			line += "; " + extra()
 		}

@@ -22,14 +22,27 @@ func (p *Port) clientARP(c *client, frame []byte) {
 }
 
 // uplinkARP answers who-has for our uplink address and learns the
-// gateway's MAC from anything the gateway says.
+// gateway's MAC, but only from a reply to our own who-has: a request or a
+// gratuitous ARP naming the gateway with another MAC would otherwise
+// black-hole all outbound traffic until the next change. Anything else the
+// gateway says is counted and ignored; until a reply arrives the fallback
+// MAC (Qubes' fixed backend MAC) stays in use.
 func (p *Port) uplinkARP(u *Uplink, frame []byte) {
 	d := p.d
 	a := header.ARP(frame[header.EthernetLen:])
-	if a.SenderIP() == u.Gateway {
-		if mac := a.SenderMAC(); mac[0]&1 == 0 && mac != [6]byte{} && (mac != d.gwMAC || !d.gwKnown) {
+	if a.SenderIP() == u.Gateway && !d.isBSDGatewayIP(u.Gateway) {
+		mac := a.SenderMAC()
+		switch {
+		case a.Op() != header.ARPReply || a.TargetIP() != u.IP || a.TargetMAC() != p.mac || !d.arpAsked:
+			if mac != d.gwMAC {
+				d.stats.ARPIgnored++
+			}
+		case mac[0]&1 == 0 && mac != [6]byte{}:
+			d.arpAsked = false
+			if mac != d.gwMAC || !d.gwKnown {
+				d.logf("dispatch: gateway %v is at %v", netip.AddrFrom4(u.Gateway), net.HardwareAddr(mac[:]))
+			}
 			d.gwMAC, d.gwKnown = mac, true
-			d.logf("dispatch: gateway %v is at %v", netip.AddrFrom4(u.Gateway), net.HardwareAddr(mac[:]))
 		}
 	}
 	if a.Op() == header.ARPRequest && a.TargetIP() == u.IP {

@@ -61,6 +61,7 @@ type Dispatcher struct {
 	uplink   *Uplink
 	gwMAC    [6]byte
 	gwKnown  bool
+	arpAsked bool // a who-has for the gateway is unanswered
 	arpTries int
 	dns      []netip.Addr
 	resolver rules.Resolver
@@ -332,13 +333,55 @@ func (d *Dispatcher) SetResolver(r rules.Resolver) {
 	d.resolver = r
 }
 
+// ErrBadUplink is returned by SetUplink for addressing that cannot be a
+// netvm's: the uplink then stays down.
+var ErrBadUplink = errors.New("unusable uplink addressing")
+
 // SetUplink connects (or, with nil, disconnects) the netvm. NAT entries
 // bound to a previous uplink address are flushed; the gateway's MAC is
 // resolved again by ARP, and a gratuitous ARP announces our address.
-func (d *Dispatcher) SetUplink(u *Uplink) {
+//
+// Addressing from QubesDB is untrusted: an address or gateway that is not
+// a unicast host address, that equals the other, or that a client holds
+// (the netvm would see client sources) is refused. The uplink goes down,
+// the refusal is counted, and SetUplink returns ErrBadUplink: fail closed.
+func (d *Dispatcher) SetUplink(u *Uplink) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if u != nil {
+		if err := d.checkUplinkLocked(u); err != nil {
+			d.stats.UplinksRefused++
+			d.setUplinkLocked(nil)
+			return err
+		}
+	}
 	d.setUplinkLocked(u)
+	return nil
+}
+
+func (d *Dispatcher) checkUplinkLocked(u *Uplink) error {
+	for _, a := range []struct {
+		what string
+		ip   [4]byte
+	}{{"address", u.IP}, {"gateway", u.Gateway}} {
+		ip := netip.AddrFrom4(a.ip)
+		// IsGlobalUnicast includes private ranges and excludes 0.0.0.0,
+		// broadcast, loopback, link-local and multicast.
+		if !ip.IsGlobalUnicast() || a.ip[0] == 0 {
+			return fmt.Errorf("uplink %s %v: %w (not a unicast host address)", a.what, ip, ErrBadUplink)
+		}
+	}
+	if u.IP == u.Gateway {
+		return fmt.Errorf("uplink address %v is also the gateway: %w", netip.AddrFrom4(u.IP), ErrBadUplink)
+	}
+	if _, ok := d.clients[u.IP]; ok {
+		return fmt.Errorf("uplink address %v belongs to a client: %w", netip.AddrFrom4(u.IP), ErrBadUplink)
+	}
+	if c, ok := d.clients[u.Gateway]; ok && c.port != u.Port {
+		// Only in BSD mode is the gateway a client, behind the uplink.
+		return fmt.Errorf("uplink gateway %v is a client on another link: %w", netip.AddrFrom4(u.Gateway), ErrBadUplink)
+	}
+	return nil
 }
 
 func (d *Dispatcher) setUplinkLocked(u *Uplink) {
@@ -350,7 +393,7 @@ func (d *Dispatcher) setUplinkLocked(u *Uplink) {
 		u = &cp
 	}
 	d.uplink = u
-	d.gwMAC, d.gwKnown, d.arpTries = FallbackMAC, false, 0
+	d.gwMAC, d.gwKnown, d.arpAsked, d.arpTries = FallbackMAC, false, false, 0
 	if u == nil {
 		d.logf("dispatch: uplink down")
 		return
@@ -362,9 +405,20 @@ func (d *Dispatcher) setUplinkLocked(u *Uplink) {
 	}
 	d.sendARPLocked(u.Port, header.ARPRequest, u.IP, header.BroadcastMAC, u.IP)
 	if !d.gwKnown {
-		d.sendARPLocked(u.Port, header.ARPRequest, u.IP, [6]byte{}, u.Gateway)
+		d.askGatewayLocked(u)
 	}
 }
+
+// askGatewayLocked sends a who-has for the gateway; only the reply to it
+// may set the gateway's MAC (uplinkARP).
+func (d *Dispatcher) askGatewayLocked(u *Uplink) {
+	d.arpAsked = true
+	d.sendARPLocked(u.Port, header.ARPRequest, u.IP, [6]byte{}, u.Gateway)
+}
+
+// gatewayRecheck is how many ticks (seconds) pass between checks of a
+// known gateway MAC.
+const gatewayRecheck = 60
 
 // Tick does periodic work: NAT and fragment expiry, gateway ARP retries.
 // Call it about once a second.
@@ -376,11 +430,14 @@ func (d *Dispatcher) Tick() {
 	for p := range d.ports {
 		p.frag.Expire(now)
 	}
-	if u := d.uplink; u != nil && !d.gwKnown {
-		// Keep asking; back off to every 8th tick after the first few.
+	if u := d.uplink; u != nil && u.Port != nil && !d.isBSDGatewayIP(u.Gateway) {
+		// Until the gateway answers, keep asking, backing off to every
+		// 8th tick after the first few; once it has, ask again every
+		// gatewayRecheck ticks, so that a MAC that changed (or a stale
+		// one) is corrected.
 		d.arpTries++
-		if d.arpTries < 5 || d.arpTries%8 == 0 {
-			d.sendARPLocked(u.Port, header.ARPRequest, u.IP, [6]byte{}, u.Gateway)
+		if !d.gwKnown && (d.arpTries < 5 || d.arpTries%8 == 0) || d.gwKnown && d.arpTries%gatewayRecheck == 0 {
+			d.askGatewayLocked(u)
 		}
 	}
 }

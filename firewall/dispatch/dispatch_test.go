@@ -456,14 +456,19 @@ func TestARP(t *testing.T) {
 	// Not for its own address (duplicate address detection must succeed).
 	_, back = n.fromClient(0, req(c1MAC, [4]byte{}, client1))
 	none(t, back, "arp for own address")
-	// The netvm asking for our uplink address gets an answer; its MAC is learnt.
+	// The netvm asking for our uplink address gets an answer; its MAC is
+	// learnt only from its reply to our own who-has.
 	learnt := [6]byte{0x02, 0, 0, 0, 0, 0x77}
 	_, _, up := n.fromUplink(req(learnt, gwIP, fwIP))
 	if header.ARP(one(t, up, "uplink arp reply")[14:]).SenderMAC() != upMAC {
 		t.Fatal("uplink reply not from our MAC")
 	}
+	if dispatcherGatewayMAC(n) != FallbackMAC {
+		t.Fatal("gateway MAC learnt from a request")
+	}
+	_, _, _ = n.fromUplink(arpReplyFrame(learnt, gwIP, upMAC, fwIP))
 	if dispatcherGatewayMAC(n) != learnt {
-		t.Fatal("gateway MAC not learnt")
+		t.Fatal("gateway MAC not learnt from the reply to our request")
 	}
 	// Other uplink hosts' requests for other addresses are ignored.
 	_, _, up = n.fromUplink(req(learnt, remote, client1))

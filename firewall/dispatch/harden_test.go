@@ -2,6 +2,7 @@ package dispatch
 
 import (
 	"encoding/binary"
+	"errors"
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
@@ -140,4 +141,99 @@ func TestMalformedAndMartianDropped(t *testing.T) {
 	none(t, c0, "inbound with a bad IP checksum")
 	c0, _, _ = n.fromUplink(reply.bytes())
 	one(t, c0, "the genuine reply")
+}
+
+// arpReplyFrame is an ARP reply from sender (at mac) to target.
+func arpReplyFrame(mac [6]byte, sender [4]byte, targetMAC [6]byte, target [4]byte) []byte {
+	b := make([]byte, arpFrameLen)
+	header.PutEthernet(b, targetMAC, mac, header.EtherTypeARP)
+	header.PutARP(b[header.EthernetLen:], header.ARPReply, mac, sender, targetMAC, target)
+	return b
+}
+
+// One forged ARP naming the gateway with a foreign MAC used to replace the
+// gateway's MAC at once and black-hole all outbound traffic. Now only the
+// reply to our own who-has counts, and a learnt MAC is checked again.
+func TestForgedGatewayARPIgnored(t *testing.T) {
+	n := newTestNet(t)
+	out := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 5000, dport: 53}
+	dstMAC := func() [6]byte {
+		up, _ := n.fromClient(0, out.bytes())
+		return header.Ethernet(one(t, up, "outbound")).Dst()
+	}
+	// The gateway answers our who-has from SetUplink.
+	real := [6]byte{0x02, 0, 0, 0, 0, 0x01}
+	n.fromUplink(arpReplyFrame(real, gwIP, upMAC, fwIP))
+	if got := dstMAC(); got != real {
+		t.Fatalf("outbound to %x, want the gateway's %x", got, real)
+	}
+	forged := [6]byte{0x02, 0xba, 0xd0, 0, 0, 0x66}
+	gratuitous := make([]byte, arpFrameLen)
+	header.PutEthernet(gratuitous, header.BroadcastMAC, forged, header.EtherTypeARP)
+	header.PutARP(gratuitous[header.EthernetLen:], header.ARPRequest, forged, gwIP, [6]byte{}, gwIP)
+	for _, f := range [][]byte{
+		gratuitous,                               // a gratuitous ARP
+		arpReplyFrame(forged, gwIP, upMAC, fwIP), // an unsolicited reply
+		arpReplyFrame(forged, gwIP, header.BroadcastMAC, gwIP), // a gratuitous reply
+	} {
+		n.fromUplink(f)
+		if got := dstMAC(); got != real {
+			t.Fatalf("after a forged ARP outbound goes to %x, want %x", got, real)
+		}
+	}
+	if got := n.d.Stats().ARPIgnored; got != 3 {
+		t.Errorf("ARPIgnored = %d, want 3", got)
+	}
+	// The periodic check asks again; a changed MAC in the reply is taken.
+	for range gatewayRecheck {
+		n.d.Tick()
+	}
+	asked := false
+	for _, f := range n.upPeer.TryRead() {
+		if a := header.ARP(f.Data[header.EthernetLen:]); len(f.Data) >= arpFrameLen && a.Op() == header.ARPRequest && a.TargetIP() == gwIP {
+			asked = true
+		}
+	}
+	if !asked {
+		t.Fatal("no who-has for the gateway within the recheck interval")
+	}
+	moved := [6]byte{0x02, 0, 0, 0, 0, 0x02}
+	n.fromUplink(arpReplyFrame(moved, gwIP, upMAC, fwIP))
+	if got := dstMAC(); got != moved {
+		t.Fatalf("outbound to %x after the gateway's answer, want %x", got, moved)
+	}
+}
+
+// Uplink addressing from QubesDB that cannot be a netvm's is refused: the
+// uplink stays down (nothing leaves), the refusal is counted.
+func TestBadUplinkAddressingRefused(t *testing.T) {
+	out := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 5000, dport: 53}
+	for _, tc := range []struct {
+		name   string
+		ip, gw [4]byte
+	}{
+		{"a client's address", client2, gwIP},
+		{"0.0.0.0", [4]byte{}, gwIP},
+		{"0/8", ip4("0.1.2.3"), gwIP},
+		{"broadcast", ip4("255.255.255.255"), gwIP},
+		{"multicast", ip4("224.0.0.1"), gwIP},
+		{"loopback", ip4("127.0.0.1"), gwIP},
+		{"link-local", ip4("169.254.1.1"), gwIP},
+		{"gateway loopback", fwIP, ip4("127.0.0.1")},
+		{"gateway is a client", fwIP, client1},
+		{"address is the gateway", gwIP, gwIP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newTestNet(t)
+			if err := n.d.SetUplink(&Uplink{Port: n.up, IP: tc.ip, Gateway: tc.gw}); !errors.Is(err, ErrBadUplink) {
+				t.Fatalf("SetUplink: %v, want ErrBadUplink", err)
+			}
+			up, _ := n.fromClient(0, out.bytes())
+			none(t, up, "uplink")
+			s := n.d.Stats()
+			if s.UplinksRefused != 1 || s.Drops[ReasonNoUplink] != 1 {
+				t.Fatalf("refused %d, no-uplink drops %d; want 1 and 1", s.UplinksRefused, s.Drops[ReasonNoUplink])
+			}
+		})
+	}
 }

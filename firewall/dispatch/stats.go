@@ -80,13 +80,16 @@ func (c *Counters) String() string {
 
 // Stats is a snapshot of the dispatcher's counters.
 type Stats struct {
-	Forwarded   uint64               // frames forwarded, either direction
-	Rejects     uint64               // ICMP rejects sent
-	ARPReplies  uint64               // ARP replies sent
-	EchoReplies uint64               // ICMP echo replies sent (ping of our address)
-	Drops       Counters             // every drop, by reason
-	Clients     map[[4]byte]Counters // drops by client IP
-	NATEntries  int
+	Forwarded   uint64 // frames forwarded, either direction
+	Rejects     uint64 // ICMP rejects sent
+	ARPReplies  uint64 // ARP replies sent
+	EchoReplies uint64 // ICMP echo replies sent (ping of our address)
+	ARPIgnored  uint64 // gateway ARP that was not a reply to our request, with another MAC
+	// UplinksRefused counts uplink addressing refused by SetUplink.
+	UplinksRefused uint64
+	Drops          Counters             // every drop, by reason
+	Clients        map[[4]byte]Counters // drops by client IP
+	NATEntries     int
 }
 
 // logLimiter lets through at most burst lines per second of per-packet
