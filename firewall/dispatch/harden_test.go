@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 )
 
 // refix recomputes the IPv4 header checksum of frame after a test edited
@@ -235,5 +236,132 @@ func TestBadUplinkAddressingRefused(t *testing.T) {
 				t.Fatalf("refused %d, no-uplink drops %d; want 1 and 1", s.UplinksRefused, s.Drops[ReasonNoUplink])
 			}
 		})
+	}
+}
+
+// partialUDP is a UDP datagram from client 1 as a sender with checksum
+// offload leaves it (the pseudo-header sum in the field), followed by pad
+// bytes of Ethernet padding, and its offload metadata.
+func partialUDP(payload, pad int) ([]byte, link.Offload) {
+	b := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9000, payload: make([]byte, payload)}.bytes()
+	for i := range b[42:] {
+		b[42+i] = byte(i * 7)
+	}
+	l4len := uint16(len(b) - 34)
+	binary.BigEndian.PutUint16(b[34+6:], header.Fold(header.PseudoHeaderSum(client1, remote, header.ProtoUDP, l4len)))
+	b = append(b, make([]byte, pad)...)
+	for i := len(b) - pad; i < len(b); i++ {
+		b[i] = 0xee
+	}
+	return b, link.Offload{NeedsCsum: true, CsumStart: 34, CsumOffset: 6}
+}
+
+// Offload metadata that disagree with the headers are dropped and counted
+// instead of being handed to the next kernel.
+func TestOffloadMetadataChecked(t *testing.T) {
+	tcp := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoTCP, sport: 40000, dport: 443, tcpFlags: header.TCPAck, payload: make([]byte, 4000)}.bytes()
+	udp, udpOff := partialUDP(100, 0)
+	good := link.Offload{NeedsCsum: true, CsumStart: 34, CsumOffset: 16, GSOType: link.GSOTCPv4, GSOSize: 1448, HdrLen: 54}
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+		mod   func(o *link.Offload)
+		ok    bool
+	}{
+		{"valid TSO", tcp, func(o *link.Offload) {}, true},
+		{"valid TSO with ECN", tcp, func(o *link.Offload) { o.GSOType |= link.GSOECN }, true},
+		{"valid UDP partial checksum", udp, nil, true},
+		{"csum start not the transport header", tcp, func(o *link.Offload) { o.CsumStart = 40 }, false},
+		{"csum offset not the TCP checksum", tcp, func(o *link.Offload) { o.CsumOffset = 6 }, false},
+		{"TCP offset on UDP", udp, func(o *link.Offload) { *o = udpOff; o.CsumOffset = 16 }, false},
+		{"TCP segmentation of UDP", udp, func(o *link.Offload) { *o = udpOff; o.GSOType, o.GSOSize = link.GSOTCPv4, 1400 }, false},
+		{"IPv6 segmentation", tcp, func(o *link.Offload) { o.GSOType = link.GSOTCPv6 }, false},
+		{"unknown segmentation", tcp, func(o *link.Offload) { o.GSOType = 9 }, false},
+		{"segment size 0", tcp, func(o *link.Offload) { o.GSOSize = 0 }, false},
+		{"header length past the frame", tcp, func(o *link.Offload) { o.HdrLen = 5000 }, false},
+		{"ECN bit alone", tcp, func(o *link.Offload) { o.GSOType = link.GSOECN }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newTestNet(t)
+			o := udpOff
+			if tc.mod != nil {
+				o = good
+				tc.mod(&o)
+			}
+			n.c[0].Input([]link.Frame{{Data: append([]byte(nil), tc.frame...), Offload: o}})
+			out := n.upPeer.TryRead()
+			if got := len(out) == 1; got != tc.ok {
+				t.Fatalf("forwarded %d frames, want forwarded=%v", len(out), tc.ok)
+			}
+			if d := n.d.Stats().Drops[ReasonOffload]; (d == 0) != tc.ok {
+				t.Fatalf("offload drops %d", d)
+			}
+		})
+	}
+}
+
+// A partial checksum completed in software before fragmenting covers the
+// packet only, not the Ethernet padding behind it; and a fragment train
+// that does not fit the arena is not sent at all.
+func TestCompletedChecksumIgnoresPadding(t *testing.T) {
+	n := newTestNetMTU(t, 1280)
+	b, off := partialUDP(1400, 12)
+	n.c[0].Input([]link.Frame{{Data: b, Offload: off}})
+	up := n.upPeer.TryRead()
+	if len(up) != 2 {
+		t.Fatalf("%d frames, want 2 fragments", len(up))
+	}
+	var dg []byte
+	for _, f := range up {
+		if f.Offload.NeedsCsum {
+			t.Fatal("a fragment still asks for checksum offload")
+		}
+		dg = append(dg, header.IPv4(f.Data[14:]).Payload()...)
+	}
+	h := header.IPv4(up[0].Data[14:])
+	if header.Fold(header.Sum(dg, header.PseudoHeaderSum(h.Src(), h.Dst(), header.ProtoUDP, uint16(len(dg))))) != 0xffff {
+		t.Fatal("the reassembled datagram's UDP checksum is wrong")
+	}
+}
+
+func TestNoPartialFragmentTrain(t *testing.T) {
+	n := newTestNetMTU(t, 576)
+	// Two datagrams of 60,000 bytes, reassembled and cut into 109
+	// fragments each, use about 242 KiB of the 256 KiB arena; the third
+	// (8,000 bytes) is still reassembled but its fragments do not fit.
+	var frames []link.Frame
+	for i, size := range []int{60000, 60000, 8000} {
+		whole := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9000, payload: make([]byte, size)}.bytes()
+		binary.BigEndian.PutUint16(whole[14+4:], uint16(100+i)) // IP ID
+		for _, fr := range fragment(refix(whole), 1400) {
+			frames = append(frames, link.Frame{Data: fr})
+		}
+	}
+	n.c[0].Input(frames)
+	up := n.upPeer.TryRead()
+	if n.d.Stats().Drops[ReasonNoBuffer] == 0 {
+		t.Fatalf("the arena never ran out (%d frames out): the test does not test", len(up))
+	}
+	// Every datagram that went out went out whole: offsets contiguous
+	// from 0 to a last fragment.
+	next := map[uint16]int{}
+	done := map[uint16]bool{}
+	for _, f := range up {
+		h := header.IPv4(f.Data[14:])
+		if h.FragOffset() != next[h.ID()] {
+			t.Fatalf("datagram %d: fragment at %d, want %d", h.ID(), h.FragOffset(), next[h.ID()])
+		}
+		next[h.ID()] += len(h.Payload())
+		if !h.MoreFragments() {
+			done[h.ID()] = true
+		}
+	}
+	for id := range next {
+		if !done[id] {
+			t.Errorf("datagram %d: a partial train of %d bytes went out", id, next[id])
+		}
+	}
+	if !done[100] || !done[101] || next[102] != 0 {
+		t.Fatalf("datagrams out: %v, want the first two whole and nothing of the third", next)
 	}
 }

@@ -68,6 +68,11 @@ func (p *Port) alloc(n int) []byte {
 	return b
 }
 
+// room reports whether alloc(n) would succeed.
+func (p *Port) room(n int) bool {
+	return p.arena == nil && n <= arenaSize || p.arena != nil && len(p.arena)+n <= cap(p.arena)
+}
+
 // drop counts a dropped frame against c (nil: not attributable).
 func (d *Dispatcher) drop(c *client, r Reason) {
 	d.stats.Drops[r]++
@@ -88,6 +93,10 @@ func (p *Port) input(f *link.Frame, now int64) {
 		d.drop(p.clientLocked(pk), ReasonIPOptions)
 		return
 	}
+	if f.Offload != (link.Offload{}) && !checkOffload(&f.Offload, pk) {
+		d.drop(p.clientLocked(pk), ReasonOffload)
+		return
+	}
 	if isUplink && (pk.Kind == header.KindARP || pk.Kind == header.KindIPv4 && pk.Dst == u.IP) {
 		p.fromUplink(f, now)
 		return
@@ -102,6 +111,50 @@ func (p *Port) input(f *link.Frame, now int64) {
 		return
 	}
 	p.fromClient(c, f, now)
+}
+
+// checkOffload reports whether the offload metadata the kernel gave with a
+// frame agree with its headers. The metadata come from the peer VM through
+// netback or netfront and are passed on to the next kernel, so they are
+// untrusted like the frame: a partial checksum must point at the TCP or
+// UDP checksum field of this packet, and a segmentation type must be the
+// packet's protocol over IPv4 with a segment size and a header length
+// within the frame.
+func checkOffload(o *link.Offload, pk *header.Parsed) bool {
+	if pk.Kind != header.KindIPv4 {
+		// ARP and the rest carry no offload; the frame is dropped or
+		// answered without forwarding anyway.
+		return !o.NeedsCsum && o.GSOType == link.GSONone
+	}
+	if o.NeedsCsum {
+		want := header.TCPChecksumOffset
+		switch {
+		case pk.Fragment:
+			return false
+		case pk.Proto == header.ProtoUDP:
+			want = header.UDPChecksumOffset
+		case pk.Proto != header.ProtoTCP:
+			return false
+		}
+		if int(o.CsumStart) != pk.L4Off || int(o.CsumOffset) != want {
+			return false
+		}
+	}
+	switch o.GSOType &^ link.GSOECN {
+	case link.GSONone:
+		return o.GSOType == link.GSONone
+	case link.GSOTCPv4:
+		if pk.Proto != header.ProtoTCP {
+			return false
+		}
+	case link.GSOUDPL4, link.GSOUDP:
+		if pk.Proto != header.ProtoUDP {
+			return false
+		}
+	default: // IPv6 segmentation on an IPv4 packet, unknown types
+		return false
+	}
+	return !pk.Fragment && o.GSOSize > 0 && int(o.HdrLen) <= pk.End
 }
 
 // kindReason is the drop reason for a frame that is not IPv4 or ARP, or
@@ -351,7 +404,7 @@ func (p *Port) forward(c *client, to *Port, f *link.Frame) {
 	}
 	if f.Offload.NeedsCsum {
 		// Fragments cannot carry a partial checksum: complete it first.
-		completeChecksum(f)
+		completeChecksum(f, pk.End)
 	}
 	frags, err := frag.Fragment(p.fragBufs[:0], ip, to.mtu)
 	p.fragBufs = frags
@@ -359,13 +412,19 @@ func (p *Port) forward(c *client, to *Port, f *link.Frame) {
 		d.drop(c, ReasonTooBig)
 		return
 	}
+	need := 0
+	for _, fr := range frags {
+		need += header.EthernetLen + len(fr)
+	}
+	if !p.room(need) {
+		// All fragments or none: a partial train only wastes the
+		// receiver's reassembly memory.
+		d.drop(c, ReasonNoBuffer)
+		return
+	}
 	eth := f.Data[:header.EthernetLen]
 	for _, fr := range frags {
 		b := p.alloc(header.EthernetLen + len(fr))
-		if b == nil {
-			d.drop(c, ReasonNoBuffer)
-			return
-		}
 		copy(b, eth)
 		copy(b[header.EthernetLen:], fr)
 		p.send(to, link.Frame{Data: b})
@@ -373,13 +432,15 @@ func (p *Port) forward(c *client, to *Port, f *link.Frame) {
 	d.stats.Forwarded++
 }
 
-// completeChecksum finishes a partial transport checksum in software.
-func completeChecksum(f *link.Frame) {
+// completeChecksum finishes a partial transport checksum in software over
+// the packet, which ends at end (the frame may carry padding after it).
+// checkOffload has matched CsumStart and CsumOffset with the headers.
+func completeChecksum(f *link.Frame, end int) {
 	start, off := int(f.Offload.CsumStart), int(f.Offload.CsumOffset)
-	if start+off+2 > len(f.Data) {
+	if start+off+2 > end {
 		return
 	}
-	sum := header.Checksum(f.Data[start:])
+	sum := header.Checksum(f.Data[start:end])
 	f.Data[start+off], f.Data[start+off+1] = byte(sum>>8), byte(sum)
 	f.Offload.NeedsCsum = false
 }

@@ -33,6 +33,7 @@ const (
 	ReasonICMPError                    // client ICMP error not about one of its flows, to that flow's remote, within 576 bytes
 	ReasonIPOptions                    // IPv4 header with options (source routes, record route...)
 	ReasonMartian                      // destination in 0.0.0.0/8 or 127.0.0.0/8
+	ReasonOffload                      // checksum or segmentation offload metadata that disagree with the headers
 	numReasons
 )
 
@@ -41,7 +42,7 @@ var reasonNames = [numReasons]string{
 	"to-firewall", "client-to-client", "rule", "no-uplink", "nat-full",
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
 	"fragment", "too-big", "no-buffer", "local", "echo-limit", "icmp-error",
-	"ip-options", "martian",
+	"ip-options", "martian", "offload",
 }
 
 func (r Reason) String() string {
