@@ -94,6 +94,7 @@ type Stats struct {
 	Outgoing   uint64 // frames we or the kernel sent, which PACKET_IGNORE_OUTGOING should already hide
 	QueueFull  uint64 // frames the kernel dropped because the socket's receive queue was full
 	Runts      uint64 // frames shorter than an Ethernet header, read or asked to be written
+	VLAN       uint64 // frames that carried an 802.1Q tag (the kernel strips it into PACKET_AUXDATA)
 	TxRefused  uint64 // frames the kernel refused to send (too large, bad offload metadata)
 	TxLinkDown uint64 // frames not sent because the interface was down
 	TxNoBuffer uint64 // frames the queueing discipline or driver dropped (ENOBUFS)
@@ -117,6 +118,7 @@ type Link struct {
 	// Counters. The reader updates the receive ones once per batch.
 	framesIn, bytesIn, framesOut, bytesOut atomic.Uint64
 	truncated, rxErrors, outgoing, runts   atomic.Uint64
+	vlanTagged                             atomic.Uint64
 	txRefused, txLinkDown, txNoBuf, txBusy atomic.Uint64
 	queueFullMu                            sync.Mutex
 	queueFull                              uint64
@@ -133,6 +135,7 @@ type rxState struct {
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
 	addrs []unix.RawSockaddrLinklayer
+	ctrl  []byte // auxDataSpace bytes per message for the PACKET_AUXDATA cmsg
 
 	recv  func(fd uintptr) bool // prebuilt so that ReadBatch does not allocate a closure
 	vlen  int
@@ -218,6 +221,10 @@ func (l *Link) setup(fd int) error {
 	opts := []opt{
 		{unix.SOL_PACKET, unix.PACKET_VNET_HDR, 1, "PACKET_VNET_HDR"},
 		{unix.SOL_PACKET, unix.PACKET_IGNORE_OUTGOING, 1, "PACKET_IGNORE_OUTGOING"},
+		// The kernel strips a VLAN tag into the skb before packet_rcv, so
+		// a tagged frame reads as untagged; only the auxiliary data say
+		// it was tagged (tp_status TP_STATUS_VLAN_VALID).
+		{unix.SOL_PACKET, unix.PACKET_AUXDATA, 1, "PACKET_AUXDATA"},
 	}
 	if b := l.cfg.SocketBuffer; b > 0 {
 		opts = append(opts,
@@ -260,6 +267,7 @@ func (l *Link) initRx() {
 	r.hdrs = make([]unix.Mmsghdr, n)
 	r.iovs = make([]unix.Iovec, n)
 	r.addrs = make([]unix.RawSockaddrLinklayer, n)
+	r.ctrl = make([]byte, n*auxDataSpace)
 	for i := range n {
 		r.iovs[i].Base = &r.buf[i*slot]
 		r.iovs[i].SetLen(slot)
@@ -267,6 +275,7 @@ func (l *Link) initRx() {
 		h.Iov = &r.iovs[i]
 		h.SetIovlen(1)
 		h.Name = (*byte)(unsafe.Pointer(&r.addrs[i]))
+		h.Control = &r.ctrl[i*auxDataSpace]
 	}
 	r.recv = func(fd uintptr) bool {
 		n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.vlen), 0, 0, 0)
@@ -333,7 +342,7 @@ func (l *Link) Stats() Stats {
 	return Stats{
 		FramesIn: l.framesIn.Load(), BytesIn: l.bytesIn.Load(),
 		FramesOut: l.framesOut.Load(), BytesOut: l.bytesOut.Load(),
-		Truncated: l.truncated.Load(), RxErrors: l.rxErrors.Load(),
+		Truncated: l.truncated.Load(), RxErrors: l.rxErrors.Load(), VLAN: l.vlanTagged.Load(),
 		Outgoing: l.outgoing.Load(), QueueFull: qf, Runts: l.runts.Load(),
 		TxRefused: l.txRefused.Load(), TxLinkDown: l.txLinkDown.Load(),
 		TxNoBuffer: l.txNoBuf.Load(), TxBusy: l.txBusy.Load(),

@@ -391,3 +391,33 @@ func TestConcurrentWrites(t *testing.T) {
 		t.Errorf("received %d + %d dropped by the receiving socket, want %d", got, sb.QueueFull, writers*perWriter)
 	}
 }
+
+// A VLAN-tagged frame reaches the socket untagged (the receiving kernel
+// moves the tag into the skb); the link must drop and count it instead of
+// handing it out as an ordinary frame, which the dispatcher would forward
+// to another network.
+func TestVLANTaggedDropped(t *testing.T) {
+	fw, peer := pairTopo(t)
+	l := openIn(t, fw, "f0", Config{BatchSize: 8})
+	fd, ifindex := rawSocket(t, peer, "p0")
+	to := &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(testEtherType)}
+	plain := testFrame(macF0, macP0, 100, 'U', 0)
+	// The same frame with an 802.1Q tag (VLAN 5) after the MACs.
+	tagged := append(append(append([]byte(nil), plain[:12]...), 0x81, 0x00, 0x00, 0x05), plain[12:]...)
+	for _, b := range [][]byte{tagged, plain, tagged} {
+		if err := unix.Sendto(fd, b, 0, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	marker := testFrame(macF0, macP0, 100, 'M', 1)
+	if err := unix.Sendto(fd, marker, 0, to); err != nil {
+		t.Fatal(err)
+	}
+	got := readTestFrames(t, l, 2)
+	if !bytes.Equal(got[0].Data, plain) || !bytes.Equal(got[1].Data, marker) {
+		t.Fatalf("frames read: % x\n% x\nwant the untagged frame and the marker only", got[0].Data, got[1].Data)
+	}
+	if s := l.Stats(); s.VLAN != 2 {
+		t.Fatalf("VLAN drops %d, want 2", s.VLAN)
+	}
+}

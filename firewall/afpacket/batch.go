@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -27,6 +28,7 @@ func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 		for i := range n {
 			h := &r.hdrs[i]
 			h.Hdr.Namelen = unix.SizeofSockaddrLinklayer
+			h.Hdr.SetControllen(auxDataSpace)
 			h.Hdr.Flags = 0
 			h.Len = 0
 		}
@@ -62,7 +64,7 @@ func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 func (l *Link) takeFrames(frames []link.Frame) int {
 	r := &l.rx
 	got := 0
-	var bytes, truncated, runts, outgoing uint64
+	var bytes, truncated, runts, outgoing, tagged uint64
 	for i := range r.n {
 		h := &r.hdrs[i]
 		ln := int(h.Len)
@@ -75,6 +77,11 @@ func (l *Link) takeFrames(frames []link.Frame) int {
 			continue
 		case r.addrs[i].Pkttype == unix.PACKET_OUTGOING:
 			outgoing++
+			continue
+		case vlanTagged(r.ctrl[i*auxDataSpace:(i+1)*auxDataSpace], int(h.Hdr.Controllen)):
+			// Qubes links carry no VLANs; forwarding the frame untagged
+			// would move it between networks.
+			tagged++
 			continue
 		}
 		off := i * r.slot
@@ -96,7 +103,32 @@ func (l *Link) takeFrames(frames []link.Frame) int {
 	if outgoing > 0 {
 		l.count(&l.outgoing, outgoing, "outgoing frames ignored")
 	}
+	if tagged > 0 {
+		l.count(&l.vlanTagged, tagged, "VLAN-tagged frames dropped")
+	}
 	return got
+}
+
+// auxDataSpace is the control buffer of one message: a cmsghdr with a
+// struct tpacket_auxdata.
+var auxDataSpace = unix.CmsgSpace(sizeofAuxdata)
+
+const sizeofAuxdata = int(unsafe.Sizeof(unix.TpacketAuxdata{}))
+
+// vlanTagged reports whether the control data of one received message (n
+// bytes of ctrl) hold a PACKET_AUXDATA saying the frame had a VLAN tag.
+// Without the control message (truncated control data) the frame counts
+// as tagged: fail closed.
+func vlanTagged(ctrl []byte, n int) bool {
+	if n < unix.CmsgLen(sizeofAuxdata) || n > len(ctrl) {
+		return true
+	}
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&ctrl[0]))
+	if h.Level != unix.SOL_PACKET || h.Type != unix.PACKET_AUXDATA || int(h.Len) < unix.CmsgLen(sizeofAuxdata) {
+		return true
+	}
+	a := (*unix.TpacketAuxdata)(unsafe.Pointer(&ctrl[unix.CmsgLen(0)]))
+	return a.Status&unix.TP_STATUS_VLAN_VALID != 0 || a.Vlan_tci != 0
 }
 
 // checkInterface reports an error when the interface the socket is bound

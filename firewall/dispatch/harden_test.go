@@ -365,3 +365,36 @@ func TestNoPartialFragmentTrain(t *testing.T) {
 		t.Fatalf("datagrams out: %v, want the first two whole and nothing of the third", next)
 	}
 }
+
+// A client's frames must come from its own MAC, and no frame from a group
+// (broadcast or multicast) source MAC is taken, from either side.
+func TestSourceMACChecked(t *testing.T) {
+	n := newTestNet(t)
+	ok := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 53}
+	up, _ := n.fromClient(0, ok.bytes())
+	one(t, up, "from the client's MAC")
+	for _, mac := range [][6]byte{c2MAC, header.BroadcastMAC, {0x01, 0x00, 0x5e, 0, 0, 1}, {0x02, 0, 0, 0, 0, 9}} {
+		bad := ok
+		bad.srcMAC = mac
+		up, back := n.fromClient(0, bad.bytes())
+		none(t, up, "uplink")
+		none(t, back, "client")
+	}
+	if got := n.d.Stats().Drops[ReasonSourceMAC]; got != 4 {
+		t.Fatalf("source-mac drops %d, want 4", got)
+	}
+	// ARP from a foreign MAC gets no answer either.
+	req := make([]byte, arpFrameLen)
+	header.PutEthernet(req, header.BroadcastMAC, c2MAC, header.EtherTypeARP)
+	header.PutARP(req[header.EthernetLen:], header.ARPRequest, c2MAC, client1, [6]byte{}, fwIP)
+	_, back := n.fromClient(0, req)
+	none(t, back, "ARP reply to a foreign MAC")
+	// Inbound from a multicast source MAC.
+	sent := checkValid(t, one(t, func() [][]byte { u, _ := n.fromClient(0, ok.bytes()); return u }(), "again"))
+	reply := pkt{srcMAC: [6]byte{0x01, 0, 0x5e, 0, 0, 1}, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoUDP, sport: 53, dport: sent.SrcPort}
+	c0, _, _ := n.fromUplink(reply.bytes())
+	none(t, c0, "inbound from a multicast MAC")
+	reply.srcMAC = gwMAC
+	c0, _, _ = n.fromUplink(reply.bytes())
+	one(t, c0, "inbound from the gateway")
+}

@@ -195,6 +195,16 @@ func (p *Port) clientLocked(pk *header.Parsed) *client {
 func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 	d := p.d
 	pk := &p.parsed
+	if len(f.Data) < header.EthernetLen {
+		d.drop(c, ReasonInvalid)
+		return
+	}
+	if src := header.Ethernet(f.Data).Src(); src[0]&1 != 0 || src != c.mac && c.mac != [6]byte{} {
+		// The client's MAC is the one its netfront has (xenstore);
+		// a group address is never a sender's.
+		d.drop(c, ReasonSourceMAC)
+		return
+	}
 	switch pk.Kind {
 	case header.KindARP:
 		p.clientARP(c, f.Data)
@@ -310,6 +320,10 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 	d := p.d
 	u := d.uplink
 	pk := &p.parsed
+	if header.Ethernet(f.Data).Src()[0]&1 != 0 { // ARP or IPv4: a whole Ethernet header
+		d.drop(nil, ReasonSourceMAC)
+		return
+	}
 	if pk.Kind == header.KindARP {
 		p.uplinkARP(u, f.Data)
 		return

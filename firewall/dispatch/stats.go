@@ -34,6 +34,7 @@ const (
 	ReasonIPOptions                    // IPv4 header with options (source routes, record route...)
 	ReasonMartian                      // destination in 0.0.0.0/8 or 127.0.0.0/8
 	ReasonOffload                      // checksum or segmentation offload metadata that disagree with the headers
+	ReasonSourceMAC                    // Ethernet source not the client's MAC, or a group address
 	numReasons
 )
 
@@ -42,7 +43,7 @@ var reasonNames = [numReasons]string{
 	"to-firewall", "client-to-client", "rule", "no-uplink", "nat-full",
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
 	"fragment", "too-big", "no-buffer", "local", "echo-limit", "icmp-error",
-	"ip-options", "martian", "offload",
+	"ip-options", "martian", "offload", "source-mac",
 }
 
 func (r Reason) String() string {
