@@ -313,12 +313,37 @@ func TestDeniedFlowGetsReject(t *testing.T) {
 	syn.dport = 80
 	up, _ = n.fromClient(0, syn.bytes())
 	one(t, up, "accepted flow")
-	// Denied ICMP is dropped without a reject.
+	// A denied ICMP request is rejected the same way, as by the Linux
+	// agent; a denied ICMP error or reply is dropped silently.
 	n.d.SetRules(client1, mustRules(map[string]string{"policy": "drop"}))
 	ping := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 9}
 	up, back = n.fromClient(0, ping.bytes())
 	none(t, up, "uplink")
-	none(t, back, "client")
+	p = checkValid(t, one(t, back, "reject of a ping"))
+	if m := header.ICMPv4(back[0][p.L4Off:p.End]); m.Type() != header.ICMPDestUnreach || m.Code() != header.ICMPAdminProhibited {
+		t.Fatalf("ping answered with ICMP %d/%d, want 3/13", m.Type(), m.Code())
+	}
+	reply := ping
+	reply.sport = uint16(header.ICMPEchoReply)
+	up, back = n.fromClient(0, reply.bytes())
+	none(t, up, "uplink")
+	none(t, back, "client: an echo reply is not rejected")
+}
+
+// ICMP query types other than echo and timestamp (information, address
+// mask) that a rule accepts are forwarded and tracked like echo.
+func TestOtherICMPQueriesTracked(t *testing.T) {
+	n := newTestNet(t)
+	n.d.SetRules(client1, mustRules(map[string]string{"policy": "drop", "0000": "action=accept proto=icmp icmptype=17"}))
+	q := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoICMP, sport: uint16(header.ICMPMaskRequest), dport: 0x4242, payload: make([]byte, 4)}
+	up, _ := n.fromClient(0, q.bytes())
+	sent := checkValid(t, one(t, up, "address mask request"))
+	reply := pkt{srcMAC: gwMAC, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPMaskReply), dport: sent.ICMPIdent, payload: make([]byte, 4)}
+	c0, _, _ := n.fromUplink(reply.bytes())
+	got := checkValid(t, one(t, c0, "address mask reply"))
+	if got.Dst != client1 || got.ICMPIdent != 0x4242 {
+		t.Fatalf("reply to %v ident %#x, want %v 0x4242", got.Dst, got.ICMPIdent, client1)
+	}
 }
 
 func TestRejectsAreRateLimited(t *testing.T) {
@@ -354,12 +379,12 @@ func TestClientToClientBlocked(t *testing.T) {
 }
 
 func TestToFirewallDropped(t *testing.T) {
-	// Ping is answered (echo_test.go); everything else is dropped.
+	// Ping is answered (echo_test.go); everything else is rejected.
 	n := newTestNet(t)
 	p := pkt{srcMAC: c1MAC, src: client1, dst: fwIP, proto: header.ProtoUDP, sport: 5000, dport: 53}
 	up, back := n.fromClient(0, p.bytes())
 	none(t, up, "uplink")
-	none(t, back, "client")
+	one(t, back, "reject")
 	if n.d.Stats().Drops[ReasonToFirewall] != 1 {
 		t.Fatal("not counted")
 	}

@@ -172,6 +172,8 @@ func TestEchoDrops(t *testing.T) {
 	src := func(a [4]byte) func(*pkt) { return func(p *pkt) { p.src = a } }
 	reassembledBig := fragment(fromC(func(p *pkt) { p.payload = make([]byte, 2000) }), 1000)
 
+	// Answered with ICMP admin-prohibited, as Linux's input chain does.
+	rejected := map[string]bool{"client: timestamp": true, "client: tcp": true, "client: udp": true}
 	for _, tc := range []struct {
 		name   string
 		uplink bool // else from client 1
@@ -215,7 +217,14 @@ func TestEchoDrops(t *testing.T) {
 			} else {
 				up, back := n.fromClient(0, tc.frames...)
 				none(t, up, "uplink")
-				none(t, back, "client")
+				if rejected[tc.name] {
+					p := checkValid(t, one(t, back, "reject"))
+					if m := header.ICMPv4(back[0][p.L4Off:p.End]); m.Type() != header.ICMPDestUnreach || m.Code() != header.ICMPAdminProhibited {
+						t.Fatalf("answered with ICMP %d/%d, want 3/13", m.Type(), m.Code())
+					}
+				} else {
+					none(t, back, "client")
+				}
 			}
 			s := n.d.Stats()
 			if s.Drops[tc.want] != 1 || s.Drops.Total() != 1 || s.EchoReplies != 0 {

@@ -7,13 +7,19 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 )
 
-// reject answers a denied TCP or UDP packet from client c with ICMP
-// "communication administratively prohibited", like the Linux firewall VM's
-// REJECT, so that the client fails fast instead of timing out. Rejects are
-// rate-limited per client; other denied traffic is dropped silently.
+// reject answers a denied TCP or UDP packet or ICMP request from client c
+// with ICMP "communication administratively prohibited", like the Linux
+// firewall VM's REJECT (qubes-firewall's "reject with icmp
+// admin-prohibited"), so that the client fails fast instead of timing out.
+// Rejects are rate-limited per client; other denied traffic (ICMP errors
+// and replies, other protocols) is dropped silently: no ICMP error answers
+// an ICMP error (RFC 1122 3.2.2).
 func (p *Port) reject(c *client, frame []byte, now int64) {
 	pk := &p.parsed
-	if pk.Proto != header.ProtoTCP && pk.Proto != header.ProtoUDP {
+	switch {
+	case pk.Proto == header.ProtoTCP, pk.Proto == header.ProtoUDP:
+	case pk.Proto == header.ProtoICMP && header.ICMPIsRequest(pk.ICMPType):
+	default:
 		return
 	}
 	if !c.rejects.allow(now) {

@@ -237,7 +237,9 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		if isEchoRequest(pk) {
 			p.answerEcho(c, &c.echoes, c.mac, f, now)
 		} else {
+			// Rejected as the Linux firewall VM's input chain does.
 			d.drop(c, ReasonToFirewall)
+			p.reject(c, f.Data, now)
 		}
 		return
 	}

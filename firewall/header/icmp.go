@@ -27,6 +27,10 @@ const (
 	ICMPParamProblem   uint8 = 12
 	ICMPTimestamp      uint8 = 13
 	ICMPTimestampReply uint8 = 14
+	ICMPInfoRequest    uint8 = 15 // RFC 792, obsolete but valid
+	ICMPInfoReply      uint8 = 16
+	ICMPMaskRequest    uint8 = 17 // address mask, RFC 950
+	ICMPMaskReply      uint8 = 18
 )
 
 // ICMP codes for ICMPDestUnreach.
@@ -59,15 +63,18 @@ func (m ICMPv4) Quoted() []byte { return m[ICMPv4MinLen:] }
 // that NAT tracks.
 func ICMPIsQuery(t uint8) bool {
 	switch t {
-	case ICMPEcho, ICMPEchoReply, ICMPTimestamp, ICMPTimestampReply:
+	case ICMPEcho, ICMPEchoReply, ICMPTimestamp, ICMPTimestampReply,
+		ICMPInfoRequest, ICMPInfoReply, ICMPMaskRequest, ICMPMaskReply:
 		return true
 	}
 	return false
 }
 
 // ICMPIsRequest reports whether t opens a query (the reply is the other
-// direction).
-func ICMPIsRequest(t uint8) bool { return t == ICMPEcho || t == ICMPTimestamp }
+// direction). Every query type carries an identifier at the same place.
+func ICMPIsRequest(t uint8) bool {
+	return t == ICMPEcho || t == ICMPTimestamp || t == ICMPInfoRequest || t == ICMPMaskRequest
+}
 
 // ICMPIsError reports whether t is an error message that quotes a datagram.
 func ICMPIsError(t uint8) bool {
