@@ -51,6 +51,7 @@ type Options struct {
 	IPv4, Gateway netip.Addr
 	DNS           []netip.Addr // --ipv4-dns, --ipv4-dns2
 	NATTableSize  int          // --nat-table-size
+	NATClientMax  int          // qgfw.nat-client-max: one client's share of the table (0: half)
 	LogLevel      string       // qgfw.log=info|debug
 	// QubesDB is where QubesDB is reached: "vchan" (Qubes, the default)
 	// or "virtio:NAME" (a virtio-serial port, for testing under QEMU).
@@ -93,6 +94,11 @@ func ParseCmdline(cmdline string) (Options, error) {
 			o.NATTableSize, err = strconv.Atoi(val)
 			if err == nil && (o.NATTableSize < 64 || o.NATTableSize > 1<<20) {
 				err = errors.New("out of range 64..1048576")
+			}
+		case "qgfw.nat-client-max":
+			o.NATClientMax, err = strconv.Atoi(val)
+			if err == nil && (o.NATClientMax < 1 || o.NATClientMax > 1<<20) {
+				err = errors.New("out of range 1..1048576")
 			}
 		case "qgfw.log":
 			if val != "info" && val != "debug" {

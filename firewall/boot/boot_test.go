@@ -10,7 +10,7 @@ import (
 )
 
 func TestParseCmdline(t *testing.T) {
-	o, err := ParseCmdline("console=hvc0 sysctl.vm.overcommit_memory=1 --ipv4=10.137.0.5 --ipv4-gw=10.137.0.1 --ipv4-dns=10.139.1.1 --ipv4-dns2=10.139.1.2 --nat-table-size=5000 qgfw.log=debug qgfw.qubesdb=virtio:qubesdb\n")
+	o, err := ParseCmdline("console=hvc0 sysctl.vm.overcommit_memory=1 --ipv4=10.137.0.5 --ipv4-gw=10.137.0.1 --ipv4-dns=10.139.1.1 --ipv4-dns2=10.139.1.2 --nat-table-size=5000 qgfw.nat-client-max=1000 qgfw.log=debug qgfw.qubesdb=virtio:qubesdb\n")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -20,7 +20,7 @@ func TestParseCmdline(t *testing.T) {
 	if !slices.Equal(o.DNS, []netip.Addr{netip.MustParseAddr("10.139.1.1"), netip.MustParseAddr("10.139.1.2")}) {
 		t.Errorf("dns %v", o.DNS)
 	}
-	if o.NATTableSize != 5000 || o.LogLevel != "debug" || o.QubesDB != "virtio:qubesdb" || o.Xenstore != "xenbus" {
+	if o.NATTableSize != 5000 || o.NATClientMax != 1000 || o.LogLevel != "debug" || o.QubesDB != "virtio:qubesdb" || o.Xenstore != "xenbus" {
 		t.Errorf("options %+v", o)
 	}
 	r, err := ParseCmdline("qgfw.ifname=52:54:00:00:00:02=vif2.0 qgfw.ifname=52:54:00:00:00:03=vif3.0")
@@ -42,6 +42,8 @@ func TestParseCmdlineRefusesBadValues(t *testing.T) {
 		"--nat-table-size=12",
 		"--nat-table-size=many",
 		"--nat-table-size",
+		"qgfw.nat-client-max=0",
+		"qgfw.nat-client-max=half",
 		"qgfw.log=loud",
 		"qgfw.qubesdb=virtio:",
 		"qgfw.qubesdb=virtio:../x",

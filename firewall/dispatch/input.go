@@ -294,8 +294,13 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		var err error
 		if e, err = d.nat.Create(pk, u.IP, now); err != nil {
 			r := ReasonNATFull
-			if errors.Is(err, nat.ErrPortsExhausted) {
+			switch {
+			case errors.Is(err, nat.ErrPortsExhausted):
 				r = ReasonPortsExhausted
+			case errors.Is(err, nat.ErrClientQuota):
+				r = ReasonNATQuota
+			case errors.Is(err, nat.ErrUnsupported):
+				r = ReasonProtocol
 			}
 			d.drop(c, r)
 			d.log.log(now, "dispatch: client %v: new flow refused: %v", netip.AddrFrom4(c.ip), err)

@@ -35,6 +35,8 @@ const (
 	ReasonMartian                      // destination in 0.0.0.0/8 or 127.0.0.0/8
 	ReasonOffload                      // checksum or segmentation offload metadata that disagree with the headers
 	ReasonSourceMAC                    // Ethernet source not the client's MAC, or a group address
+	ReasonNATQuota                     // the client holds its share of the NAT table
+	ReasonProtocol                     // accepted, but a protocol NAT cannot track (not TCP, UDP or an ICMP query)
 	numReasons
 )
 
@@ -44,6 +46,7 @@ var reasonNames = [numReasons]string{
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
 	"fragment", "too-big", "no-buffer", "local", "echo-limit", "icmp-error",
 	"ip-options", "martian", "offload", "source-mac",
+	"nat-quota", "protocol",
 }
 
 func (r Reason) String() string {

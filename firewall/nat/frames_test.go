@@ -3,6 +3,7 @@ package nat
 import (
 	"bytes"
 	"encoding/binary"
+	"maps"
 	"math/bits"
 	"math/rand/v2"
 	"testing"
@@ -203,6 +204,7 @@ func newTable(t testing.TB, cfg Config) *Table {
 // port maps agree with the slab.
 func (t *Table) check() string {
 	live := 0
+	per := map[[4]byte]int{}
 	for i := range t.slab {
 		e := &t.slab[i]
 		if e.idx != int32(i) {
@@ -212,6 +214,7 @@ func (t *Table) check() string {
 			continue
 		}
 		live++
+		per[e.ct.Src]++
 		if t.out[e.ct] != int32(i) || t.in[e.OutsideTuple()] != int32(i) {
 			return "entry missing from a map"
 		}
@@ -228,6 +231,9 @@ func (t *Table) check() string {
 	}
 	if live != t.n || len(t.out) != t.n || len(t.in) != t.n || t.n > len(t.slab) {
 		return "counts disagree"
+	}
+	if !maps.Equal(per, t.perClient) {
+		return "per-client counts disagree"
 	}
 	for l := range t.head {
 		prev, n := int32(-1), 0

@@ -14,6 +14,7 @@ var (
 	ErrTableFull      = errors.New("nat: table full")
 	ErrPortsExhausted = errors.New("nat: no free port on the uplink address")
 	ErrUnsupported    = errors.New("nat: packet is not a TCP/UDP packet or ICMP query request")
+	ErrClientQuota    = errors.New("nat: the client holds its share of the table")
 )
 
 const (
@@ -30,6 +31,9 @@ const (
 	// portEvictScan is how many unassured entries from the LRU end Create
 	// examines for one to take the port of when no port is free.
 	portEvictScan = 64
+	// clientScan is how many entries from the LRU end of each list Create
+	// examines for one of a client at its quota to make room.
+	clientScan = 256
 	// sweepInterval rate-limits the full expiry sweep Create runs when no
 	// port is free, so that a flood of refused flows costs O(1) each.
 	sweepInterval = int64(time.Second)
@@ -43,7 +47,11 @@ const (
 
 // Config sets up a Table.
 type Config struct {
-	MaxEntries       int    // bound on live entries; <= 0 means DefaultMaxEntries
+	MaxEntries int // bound on live entries; <= 0 means DefaultMaxEntries
+	// ClientMax bounds one client's entries while other clients have
+	// entries (alone, a client may fill the table); <= 0 means half of
+	// MaxEntries.
+	ClientMax        int
 	PortMin, PortMax uint16 // ports (and ICMP identifiers) handed out; 0 means 1024 and 65535
 	Timeouts         Timeouts
 	Rand             func() uint32 // port choice; nil = a ChaCha8 generator seeded from crypto/rand
@@ -57,6 +65,7 @@ type Stats struct {
 	Flushed   uint64 // entries removed by Flush*
 	Exhausted uint64 // new flows refused: no free port
 	Full      uint64 // new flows refused: nothing to evict
+	Quota     uint64 // new flows refused: the client is at ClientMax and none of its entries could go
 }
 
 // Table is the NAT table: a fixed slab of entries with a free list, two
@@ -82,6 +91,10 @@ type Table struct {
 	out     map[Tuple]int32 // ClientTuple -> index
 	in      map[Tuple]int32 // OutsideTuple -> index
 	uplinks []*uplinkPorts
+	// perClient counts the entries of each client address (the map holds
+	// only clients with entries); clientMax is Config.ClientMax.
+	perClient map[[4]byte]int
+	clientMax int
 	// reserved ports are the firewall's own (its DNS client): never handed
 	// out, and inbound packets to them are not NAT's.
 	reserved  [nProto]portMap
@@ -105,6 +118,8 @@ func New(cfg Config) *Table {
 		out:       make(map[Tuple]int32, n),
 		in:        make(map[Tuple]int32, n),
 		uplinks:   make([]*uplinkPorts, 0, maxUplinks),
+		perClient: make(map[[4]byte]int),
+		clientMax: cfg.ClientMax,
 		head:      [2]int32{-1, -1},
 		tail:      [2]int32{-1, -1},
 		portMin:   cfg.PortMin,
@@ -112,6 +127,9 @@ func New(cfg Config) *Table {
 		timeouts:  cfg.Timeouts.withDefaults(),
 		rand:      cfg.Rand,
 		lastSweep: -sweepInterval << 1,
+	}
+	if t.clientMax <= 0 {
+		t.clientMax = max(n/2, 1)
 	}
 	if t.portMin == 0 {
 		t.portMin = 1024
@@ -236,6 +254,15 @@ func (t *Table) Create(p *header.Parsed, uplinkIP [4]byte, now int64) (*Entry, e
 	if e := t.get(t.out, k, now); e != nil {
 		return e, nil
 	}
+	if held := t.perClient[k.Src]; held >= t.clientMax && held < t.n {
+		// At its share while others have flows: the client makes room
+		// among its own entries, or the flow is refused. Its flows, not
+		// other clients', pay for the flows it creates.
+		if !t.evictClient(k.Src, now) {
+			t.stats.Quota++
+			return nil, ErrClientQuota
+		}
+	}
 	slot := t.uplinkSlot(uplinkIP)
 	if slot < 0 {
 		t.stats.Exhausted++
@@ -288,6 +315,7 @@ func (t *Table) Create(p *header.Parsed, uplinkIP [4]byte, now int64) (*Entry, e
 	up.n++
 	t.out[k] = i
 	t.in[e.OutsideTuple()] = i
+	t.perClient[k.Src]++
 	t.n++
 	t.stats.Created++
 	return e, nil
@@ -389,6 +417,42 @@ func (t *Table) evict(now int64) bool {
 	return false
 }
 
+// evictClient removes one entry of the client with address src: an
+// expired one, else its least recently used unassured one, else its least
+// recently used assured one, among the clientScan entries at the LRU end
+// of each list. It reports whether it removed one.
+func (t *Table) evictClient(src [4]byte, now int64) bool {
+	found := int32(-1)
+	for l := range t.tail {
+		i := t.tail[l]
+		for range clientScan {
+			if i < 0 {
+				break
+			}
+			if e := &t.slab[i]; e.ct.Src == src {
+				if e.expires <= now {
+					t.remove(i)
+					t.stats.Expired++
+					return true
+				}
+				if found < 0 {
+					found = i
+				}
+			}
+			i = t.slab[i].prevLRU
+		}
+	}
+	if found < 0 {
+		return false
+	}
+	t.remove(found)
+	t.stats.Evicted++
+	return true
+}
+
+// ClientEntries is the number of entries of the client with address ip.
+func (t *Table) ClientEntries(ip [4]byte) int { return t.perClient[ip] }
+
 // FlushClient removes every entry of the client with address ip.
 func (t *Table) FlushClient(ip [4]byte) int {
 	return t.FlushIf(func(e *Entry) bool { return e.ct.Src == ip })
@@ -418,6 +482,11 @@ func (t *Table) remove(i int32) {
 	e := &t.slab[i]
 	delete(t.out, e.ct)
 	delete(t.in, e.OutsideTuple())
+	if c := t.perClient[e.ct.Src]; c > 1 {
+		t.perClient[e.ct.Src] = c - 1
+	} else {
+		delete(t.perClient, e.ct.Src)
+	}
 	t.unlink(i)
 	up := t.uplinks[e.slot]
 	up.used[protoIndex(e.ct.Proto)].clear(e.natPort)

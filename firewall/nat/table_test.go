@@ -564,3 +564,76 @@ func TestMemoryPerEntry(t *testing.T) {
 	}
 	runtime.KeepAlive(tb)
 }
+
+// One client whose flows are all answered cannot push the other clients'
+// flows out of the table: while others have entries it holds at most
+// ClientMax (default half the table), and the entries it loses to its new
+// flows are its own. Alone it may use the whole table.
+func TestClientQuota(t *testing.T) {
+	tb := newTable(t, Config{MaxEntries: 16})
+	answered := func(src [4]byte, sport uint16) *Entry {
+		t.Helper()
+		f := ipFrame(header.ProtoUDP, src, remote, udpDgram(sport, 53, "q"))
+		p := decode(t, f)
+		e, err := tb.Create(p, uplink, sec)
+		if err != nil {
+			return nil
+		}
+		tb.TranslateOut(e, f, p, header.CsumFull, sec)
+		r := ipFrame(header.ProtoUDP, remote, uplink, udpDgram(53, e.NATPort(), "a"))
+		inbound(t, tb, r, e, sec)
+		return e
+	}
+	var others []*Entry
+	for i := range 4 {
+		others = append(others, answered(client2, uint16(30000+i)))
+	}
+	for i := range 100 {
+		if answered(client, uint16(40000+i)) == nil {
+			t.Fatalf("flow %d of the busy client refused: it should evict its own", i)
+		}
+		mustCheck(t, tb)
+		if n := tb.ClientEntries(client); n > 8 {
+			t.Fatalf("the busy client holds %d entries, want at most 8 of 16", n)
+		}
+	}
+	if n := tb.ClientEntries(client2); n != 4 {
+		t.Fatalf("the quiet client lost flows: %d of 4 left", n)
+	}
+	for _, e := range others {
+		if e.ClientIP() != client2 {
+			t.Fatal("a quiet client's entry was reused for the busy one")
+		}
+	}
+	// Alone, a client may fill the table.
+	tb.FlushClient(client2)
+	for i := range 16 {
+		answered(client, uint16(50000+i))
+	}
+	if n := tb.ClientEntries(client); n != 16 {
+		t.Fatalf("alone, the client holds %d of 16 entries", n)
+	}
+	mustCheck(t, tb)
+}
+
+// ClientMax sets the share; at it, a client's new flow evicts its own
+// oldest entry, not another client's.
+func TestClientQuotaConfigured(t *testing.T) {
+	tb := newTable(t, Config{MaxEntries: 8, ClientMax: 2})
+	for i := range 2 {
+		if _, err := tb.Create(decode(t, ipFrame(header.ProtoUDP, client, remote, udpDgram(uint16(40000+i), 53, "q"))), uplink, sec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := tb.Create(decode(t, ipFrame(header.ProtoUDP, client2, remote, udpDgram(30000, 53, "q"))), uplink, sec); err != nil {
+		t.Fatal(err)
+	}
+	// The third flow of client evicts its own oldest.
+	if _, err := tb.Create(decode(t, ipFrame(header.ProtoUDP, client, remote, udpDgram(40002, 53, "q"))), uplink, sec); err != nil {
+		t.Fatal(err)
+	}
+	if tb.ClientEntries(client) != 2 || tb.ClientEntries(client2) != 1 || tb.Stats().Evicted != 1 {
+		t.Fatalf("entries %d/%d, evicted %d; want 2/1, 1", tb.ClientEntries(client), tb.ClientEntries(client2), tb.Stats().Evicted)
+	}
+	mustCheck(t, tb)
+}

@@ -43,6 +43,7 @@ type Config struct {
 	BSDDNS            []netip.Addr
 
 	NATTableSize int
+	NATClientMax int // one client's share of the NAT table; 0: half
 	StatsEvery   time.Duration
 	Logf         func(string, ...any)
 }
@@ -54,7 +55,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: cfg.NATTableSize}})
+	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: cfg.NATTableSize, ClientMax: cfg.NATClientMax}})
 	uplink := cfg.Uplink
 	if cfg.BSDIP.IsValid() {
 		uplink = "" // the uplink is the netvm's vif, attached by discovery

@@ -129,6 +129,7 @@ func runPID1() {
 		BSDGateway:   opts.Gateway,
 		BSDDNS:       opts.DNS,
 		NATTableSize: natSize(opts.NATTableSize),
+		NATClientMax: opts.NATClientMax,
 		StatsEvery:   time.Minute,
 		Logf:         logf,
 	}
