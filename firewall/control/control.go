@@ -362,7 +362,9 @@ func (c *Controller) NewResolver() *dns.Resolver {
 			}
 			return conn, nil
 		},
-		OnChange: c.d.Recheck,
+		// No OnChange: a new answer for a dsthost name applies to new
+		// flows; existing ones stay while their rule does (rule changes
+		// re-check them with the name's recent addresses).
 		Logf:     c.logf,
 	})
 	c.d.SetResolver(res)

@@ -270,8 +270,13 @@ func (d *Dispatcher) SetRules(ip [4]byte, rs *rules.Ruleset) {
 
 // recheckFlowsLocked evaluates the current rules again for the NAT entries
 // of the clients selected by which and removes those now denied.
+//
+// Names in dsthost rules match their recent addresses as well
+// (rules.Env.Existing): a flow accepted under an earlier answer stays while
+// the rule that accepted it stays.
 func (d *Dispatcher) recheckFlowsLocked(which func([4]byte) bool) {
 	env := d.envLocked()
+	env.Existing = true
 	d.nat.FlushIf(func(e *nat.Entry) bool {
 		ip := e.ClientIP()
 		if !which(ip) {
@@ -279,15 +284,6 @@ func (d *Dispatcher) recheckFlowsLocked(which func([4]byte) bool) {
 		}
 		return d.rulesLocked(ip).Match(flowPacket(e.ClientTuple()), env).Action != rules.Accept
 	})
-}
-
-// Recheck evaluates the rules again for every existing flow; the caller
-// uses it when a dsthost name resolves to new addresses or the DNS servers
-// change.
-func (d *Dispatcher) Recheck() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.recheckFlowsLocked(func([4]byte) bool { return true })
 }
 
 // flowPacket is the rules' view of the first packet of an existing flow.

@@ -3,6 +3,7 @@ package dispatch
 import (
 	"encoding/binary"
 	"errors"
+	"net/netip"
 	"testing"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
@@ -397,4 +398,53 @@ func TestSourceMACChecked(t *testing.T) {
 	reply.srcMAC = gwMAC
 	c0, _, _ = n.fromUplink(reply.bytes())
 	one(t, c0, "inbound from the gateway")
+}
+
+// rotatingResolver is a rules.RecentResolver whose answers the test sets.
+type rotatingResolver struct{ cur, recent map[string][]netip.Addr }
+
+func (r *rotatingResolver) Lookup(n string) ([]netip.Addr, bool) { a, ok := r.cur[n]; return a, ok }
+func (r *rotatingResolver) LookupRecent(n string) ([]netip.Addr, bool) {
+	a, ok := r.recent[n]
+	return a, ok
+}
+
+// A dsthost name whose answer moves to another address (round robin, CDN)
+// keeps established flows up: before, every refresh re-matched all flows
+// against the current answer only and cut them. New flows follow the
+// current answer; a rule change still cuts what the new rules deny.
+func TestDsthostAddressChangeKeepsFlows(t *testing.T) {
+	n := newTestNet(t)
+	other := ip4("198.51.100.9")
+	res := &rotatingResolver{
+		cur:    map[string][]netip.Addr{"cdn.test": {netip.AddrFrom4(remote)}},
+		recent: map[string][]netip.Addr{"cdn.test": {netip.AddrFrom4(remote)}},
+	}
+	n.d.SetResolver(res)
+	cdnRules := map[string]string{"policy": "drop", "0000": "action=accept dsthost=cdn.test proto=tcp"}
+	n.d.SetRules(client1, mustRules(cdnRules))
+	seg := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoTCP, sport: 40000, dport: 443, tcpFlags: header.TCPSyn}
+	up, _ := n.fromClient(0, seg.bytes())
+	one(t, up, "SYN to the name's address")
+	seg.tcpFlags = header.TCPAck
+
+	// The name now resolves elsewhere; the old address is recent.
+	res.cur["cdn.test"] = []netip.Addr{netip.AddrFrom4(other)}
+	res.recent["cdn.test"] = []netip.Addr{netip.AddrFrom4(other), netip.AddrFrom4(remote)}
+	up, _ = n.fromClient(0, seg.bytes())
+	one(t, up, "established flow after the answer changed")
+	// An unrelated rule change re-checks flows with the recent addresses.
+	cdnRules["0001"] = "action=accept proto=udp dstports=53-53"
+	n.d.SetRules(client1, mustRules(cdnRules))
+	up, _ = n.fromClient(0, seg.bytes())
+	one(t, up, "established flow after a rule change")
+	// A new flow to the old address is not accepted.
+	fresh := seg
+	fresh.sport, fresh.tcpFlags = 40001, header.TCPSyn
+	up, _ = n.fromClient(0, fresh.bytes())
+	none(t, up, "a new flow to an address the name no longer has")
+	// Rules without the name cut the flow.
+	n.d.SetRules(client1, mustRules(map[string]string{"policy": "drop", "0000": "action=accept proto=udp"}))
+	up, _ = n.fromClient(0, seg.bytes())
+	none(t, up, "the flow after its rule went")
 }

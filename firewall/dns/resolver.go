@@ -79,8 +79,12 @@ type Config struct {
 	// address set changed (resolved, changed, expired, NXDOMAIN), so the
 	// dispatcher can re-check its flows against the rules.
 	OnChange func()
-	Logf     func(format string, args ...any)
-	Now      func() time.Time // default time.Now; tests drive a fake clock
+	// RecentHold is how long an address a name no longer resolves to
+	// still counts for flows that exist (LookupRecent; default 24 h, well
+	// beyond the NAT table's idle timeouts).
+	RecentHold time.Duration
+	Logf       func(format string, args ...any)
+	Now        func() time.Time // default time.Now; tests drive a fake clock
 
 	MinTTL      time.Duration // TTLs below are raised to this (default 5 s)
 	MaxTTL      time.Duration // TTLs above are cut to this (default 1 h)
@@ -101,6 +105,7 @@ const (
 	defaultGrace       = 5 * time.Second
 	defaultTimeout     = 2 * time.Second
 	defaultRetries     = 2
+	defaultRecentHold  = 24 * time.Hour
 	// maxBackoff caps the wait between failed rounds for one name.
 	maxBackoff = time.Minute
 	// maxBatch bounds the queries in flight on one Conn: the dispatcher
@@ -128,9 +133,10 @@ type Stats struct {
 
 // Resolver resolves dsthost names; see the package comment.
 type Resolver struct {
-	cfg  Config
-	snap atomic.Pointer[map[string][]netip.Addr] // resolved names only; immutable
-	wake chan struct{}
+	cfg    Config
+	snap   atomic.Pointer[map[string][]netip.Addr] // resolved names only; immutable
+	recent atomic.Pointer[map[string][]netip.Addr] // current and recent addresses; immutable
+	wake   chan struct{}
 
 	mu    sync.Mutex
 	names map[string]*entry
@@ -141,13 +147,48 @@ type Resolver struct {
 // entry is the state of one name, guarded by Resolver.mu.
 type entry struct {
 	addrs    []netip.Addr // nil while unresolved; never mutated once published
+	recent   []recentAddr // earlier addresses not in addrs, oldest first
 	expires  time.Time    // addrs != nil: when they stop being valid
 	next     time.Time    // when to query next; zero: now
 	fails    int          // consecutive failed rounds
 	negative bool         // the last answer was NXDOMAIN/NODATA (to log changes only)
 }
 
-var _ rules.Resolver = (*Resolver)(nil)
+// recentAddr is an address a name had, kept until until.
+type recentAddr struct {
+	addr  netip.Addr
+	until time.Time
+}
+
+// maxRecent bounds the remembered addresses per name.
+const maxRecent = 64
+
+// remember keeps the addresses of old that are not in e.addrs as recent
+// until now+hold.
+func (e *entry) remember(old []netip.Addr, now time.Time, hold time.Duration) {
+	for _, a := range old {
+		if slices.Contains(e.addrs, a) {
+			continue
+		}
+		e.recent = slices.DeleteFunc(e.recent, func(r recentAddr) bool { return r.addr == a })
+		e.recent = append(e.recent, recentAddr{a, now.Add(hold)})
+	}
+	// Addresses current again are not "recent".
+	e.recent = slices.DeleteFunc(e.recent, func(r recentAddr) bool { return slices.Contains(e.addrs, r.addr) })
+	if n := len(e.recent) - maxRecent; n > 0 {
+		e.recent = slices.Delete(e.recent, 0, n)
+	}
+}
+
+// prune forgets recent addresses whose time is up and reports whether any
+// went.
+func (e *entry) prune(now time.Time) bool {
+	n := len(e.recent)
+	e.recent = slices.DeleteFunc(e.recent, func(r recentAddr) bool { return !now.Before(r.until) })
+	return len(e.recent) != n
+}
+
+var _ rules.RecentResolver = (*Resolver)(nil)
 
 // New returns a resolver with no names. Start Run in a goroutine.
 func New(cfg Config) *Resolver {
@@ -182,6 +223,10 @@ func New(cfg Config) *Resolver {
 	}
 	r := &Resolver{cfg: cfg, wake: make(chan struct{}, 1), names: make(map[string]*entry)}
 	r.snap.Store(&map[string][]netip.Addr{})
+	r.recent.Store(&map[string][]netip.Addr{})
+	if r.cfg.RecentHold <= 0 {
+		r.cfg.RecentHold = defaultRecentHold
+	}
 	return r
 }
 
@@ -189,7 +234,16 @@ func New(cfg Config) *Resolver {
 // the trailing dot) and ok=true, or ok=false while it is unresolved. It
 // does not lock, block or allocate; the slice must not be modified.
 func (r *Resolver) Lookup(name string) ([]netip.Addr, bool) {
-	m := *r.snap.Load()
+	return lookupIn(*r.snap.Load(), name)
+}
+
+// LookupRecent returns the current addresses of name with those it had
+// within RecentHold, and ok=false if it has neither.
+func (r *Resolver) LookupRecent(name string) ([]netip.Addr, bool) {
+	return lookupIn(*r.recent.Load(), name)
+}
+
+func lookupIn(m map[string][]netip.Addr, name string) ([]netip.Addr, bool) {
 	if a, ok := m[name]; ok {
 		return a, true
 	}
@@ -328,7 +382,12 @@ func (r *Resolver) resolveDue(ctx context.Context) time.Time {
 	for n, e := range r.names {
 		if e.addrs != nil && !now.Before(e.expires) {
 			r.cfg.Logf("dns: %s: addresses %v expired, name unresolved until a server answers", n, e.addrs)
+			old := e.addrs
 			e.addrs, changed = nil, true
+			e.remember(old, now, r.cfg.RecentHold)
+		}
+		if e.prune(now) {
+			changed = true
 		}
 		next = earliest(next, e.next)
 		if e.addrs != nil {
@@ -371,6 +430,7 @@ func (r *Resolver) apply(name string, e *entry, res result, now time.Time) bool 
 			r.cfg.Logf("dns: %s: %s, no IPv4 address; unresolved", name, describe(res.rep))
 		}
 		e.addrs, e.negative = nil, true
+		e.remember(old, now, r.cfg.RecentHold)
 		e.next = now.Add(r.cfg.NegativeTTL)
 		return old != nil
 	}
@@ -383,6 +443,7 @@ func (r *Resolver) apply(name string, e *entry, res result, now time.Time) bool 
 	}
 	r.cfg.Logf("dns: %s: %v (TTL %v)", name, res.rep.addrs, ttl)
 	e.addrs = res.rep.addrs
+	e.remember(old, now, r.cfg.RecentHold)
 	return true
 }
 
@@ -400,15 +461,28 @@ func describe(rep reply) string {
 	return fmt.Sprintf("RCODE %d", rep.rcode)
 }
 
-// publishLocked replaces the snapshot Lookup reads.
+// publishLocked replaces the snapshots Lookup and LookupRecent read.
 func (r *Resolver) publishLocked() {
 	m := make(map[string][]netip.Addr, len(r.names))
+	rm := make(map[string][]netip.Addr, len(r.names))
 	for n, e := range r.names {
 		if e.addrs != nil {
 			m[n] = e.addrs
 		}
+		if len(e.recent) == 0 {
+			if e.addrs != nil {
+				rm[n] = e.addrs
+			}
+			continue
+		}
+		all := slices.Clip(slices.Clone(e.addrs))
+		for _, a := range e.recent {
+			all = append(all, a.addr)
+		}
+		rm[n] = all
 	}
 	r.snap.Store(&m)
+	r.recent.Store(&rm)
 }
 
 // normalize turns a dsthost into the form names are kept in: lower case,

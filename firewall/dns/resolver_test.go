@@ -483,3 +483,42 @@ func TestManyNamesInParallelBatches(t *testing.T) {
 		t.Errorf("OnChange called %d times; want 1 per round", h.changes)
 	}
 }
+
+// A name whose answer rotates (round robin, CDN) keeps the addresses it
+// had for LookupRecent, so that flows accepted under an earlier answer are
+// not cut; Lookup, which new flows use, follows the current answer only.
+func TestRecentAddressesKept(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.RecentHold = time.Hour })
+	h.dns.set("cdn.example", "192.0.2.1", "192.0.2.2")
+	h.r.SetNames([]string{"cdn.example"})
+	h.at(0)
+	h.dns.set("cdn.example", "192.0.2.2", "192.0.2.3")
+	h.at(80 * time.Second)
+	h.want("cdn.example", "192.0.2.2", "192.0.2.3")
+	wantRecent := func(want ...string) {
+		t.Helper()
+		got, ok := h.r.LookupRecent("CDN.example.")
+		var s []string
+		for _, a := range got {
+			s = append(s, a.String())
+		}
+		slices.Sort(s)
+		if !ok && len(want) > 0 || !slices.Equal(s, want) {
+			t.Fatalf("LookupRecent = %v %v, want %v", s, ok, want)
+		}
+	}
+	wantRecent("192.0.2.1", "192.0.2.2", "192.0.2.3")
+	// NXDOMAIN: unresolved for new flows, the addresses stay recent.
+	h.dns.set("cdn.example")
+	h.at(160 * time.Second)
+	h.want("cdn.example")
+	wantRecent("192.0.2.1", "192.0.2.2", "192.0.2.3")
+	// An address that comes back is current, not recent, and its hold
+	// starts again when it goes.
+	h.dns.set("cdn.example", "192.0.2.1")
+	h.at(200 * time.Second)
+	wantRecent("192.0.2.1", "192.0.2.2", "192.0.2.3")
+	// After the hold only the current answer is left.
+	h.at(160*time.Second + time.Hour + time.Second)
+	wantRecent("192.0.2.1")
+}

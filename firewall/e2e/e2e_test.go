@@ -338,14 +338,15 @@ func TestFirewallEndToEnd(t *testing.T) {
 			dst := &net.UDPAddr{IP: net.ParseIP(otherIP), Port: 10000 + i}
 			pc.WriteTo([]byte("flood"), dst)
 		}
-		// The flood went through NAT and filled the 4096-entry table:
-		// the firewall's next counters line says so.
+		// The flood went through NAT and filled client 1's share of the
+		// 4096-entry table (half, while client 2 has flows): the
+		// firewall's next counters line says so.
 		mark := len(e.firewall.Output())
 		netnstest.WaitFor(t, "counters after the flood", waitLimit, func() bool {
 			out := e.firewall.Output()[mark:]
 			i := strings.Index(out, ", nat ")
 			var n int
-			return i >= 0 && func() bool { fmt.Sscanf(out[i+len(", nat "):], "%d", &n); return n >= 4000 }()
+			return i >= 0 && func() bool { fmt.Sscanf(out[i+len(", nat "):], "%d", &n); return n >= 2000 }()
 		})
 		if err := netnstest.EchoOnce(c, "still-here"); err != nil {
 			t.Fatalf("existing flow after the flood: %v", err)
@@ -355,8 +356,11 @@ func TestFirewallEndToEnd(t *testing.T) {
 		}
 		after := rssKB(pid)
 		t.Logf("firewall RSS %d kB before, %d kB after the flood", before, after)
-		if after <= 0 || after > 128<<10 {
-			t.Fatalf("firewall RSS %d kB after the flood", after)
+		// The image claims to forward in a 32 MiB VM, where the kernel
+		// and the page cache take their part: the process must stay
+		// well inside that.
+		if after <= 0 || after > 24<<10 {
+			t.Fatalf("firewall RSS %d kB after the flood, want at most 24 MiB", after)
 		}
 	})
 

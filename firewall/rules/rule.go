@@ -349,6 +349,11 @@ func (r *Rule) match(p *Packet, env *Env) bool {
 			return r.Action == Drop
 		}
 		addrs, ok := env.Resolver.Lookup(r.Host)
+		if rr, recent := env.Resolver.(RecentResolver); recent && env.Existing {
+			if ok || r.Action == Accept {
+				addrs, ok = rr.LookupRecent(r.Host)
+			}
+		}
 		if !ok {
 			// Unresolved: accept nothing, drop everything that got
 			// this far (fail closed).

@@ -46,10 +46,28 @@ type Resolver interface {
 	Lookup(name string) (addrs []netip.Addr, ok bool)
 }
 
+// RecentResolver is a Resolver that also remembers the addresses a name
+// resolved to recently. The dispatcher re-checks existing flows with it when
+// rules change, so that a flow accepted under an earlier answer of a
+// round-robin or CDN name is not cut because the current answer is another
+// subset.
+type RecentResolver interface {
+	Resolver
+	// LookupRecent returns the current addresses of name and those it had
+	// recently; ok=false when it has neither.
+	LookupRecent(name string) (addrs []netip.Addr, ok bool)
+}
+
 // Env is the per-evaluation context.
 type Env struct {
 	DNS      []netip.Addr // current DNS servers (/qubes-primary-dns, /qubes-secondary-dns)
 	Resolver Resolver     // may be nil: every dsthost is unresolved
+	// Existing says the packet is the first of a flow that already
+	// exists: an accept dsthost rule then matches the name's recent
+	// addresses too (when Resolver is a RecentResolver). A drop dsthost
+	// rule matches recent addresses as well, and everything while the
+	// name is unresolved, as for new flows.
+	Existing bool
 }
 
 // Verdict is the outcome of Match.
