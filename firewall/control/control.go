@@ -365,7 +365,7 @@ func (c *Controller) NewResolver() *dns.Resolver {
 		// No OnChange: a new answer for a dsthost name applies to new
 		// flows; existing ones stay while their rule does (rule changes
 		// re-check them with the name's recent addresses).
-		Logf:     c.logf,
+		Logf: c.logf,
 	})
 	c.d.SetResolver(res)
 	c.SetResolver(res)
