@@ -71,7 +71,10 @@ type Config struct {
 	// accept more frames when the socket's send queue is full (a stalled
 	// peer); after it the waiting frames are dropped and counted as Busy,
 	// so one stuck link cannot stall the goroutine feeding it forever.
-	// Default 100ms.
+	// Default 100ms; negative: never wait, drop at once. Client links
+	// do not wait: a client VM that stops draining its queue must cost
+	// only its own frames, not delay the reader that serves every other
+	// link.
 	WriteTimeout time.Duration
 	// Logf receives rare events (errors that cost frames, with
 	// exponential back-off). Default: discard.
@@ -173,7 +176,7 @@ func Open(ifname string, cfg Config) (*Link, error) {
 	if cfg.FrameSize < 14 || cfg.FrameSize > link.MaxFrame {
 		return nil, fmt.Errorf("open %s: frame size %d outside 14..%d", ifname, cfg.FrameSize, link.MaxFrame)
 	}
-	if cfg.WriteTimeout <= 0 {
+	if cfg.WriteTimeout == 0 {
 		cfg.WriteTimeout = defaultWriteTimeout
 	}
 	if cfg.Logf == nil {

@@ -421,3 +421,26 @@ func TestVLANTaggedDropped(t *testing.T) {
 		t.Fatalf("VLAN drops %d, want 2", s.VLAN)
 	}
 }
+
+// With a negative WriteTimeout (client links) a full send queue costs the
+// frames that do not fit at once, counted as TxBusy, and WriteBatch does
+// not wait for room.
+func TestNoWaitOnFullQueue(t *testing.T) {
+	fw, _ := pairTopo(t)
+	run(t, "ip", "netns", "exec", fw, "tc", "qdisc", "add", "dev", "f0", "root", "tbf", "rate", "1kbit", "burst", "2kb", "limit", "1mb")
+	l := openIn(t, fw, "f0", Config{SocketBuffer: 4096, WriteTimeout: -1})
+	frames := make([]link.Frame, 40)
+	for i := range frames {
+		frames[i].Data = testFrame(macP0, macF0, 1000, 'N', i)
+	}
+	for range 3 {
+		if n, err := l.WriteBatch(frames); n != len(frames) || err != nil {
+			t.Fatalf("WriteBatch = %d, %v", n, err)
+		}
+	}
+	s := l.Stats()
+	t.Logf("stats %+v", s)
+	if s.TxBusy == 0 || s.FramesOut+s.TxBusy+s.TxNoBuffer != 3*uint64(len(frames)) {
+		t.Fatalf("want TxBusy drops and every frame accounted for: %+v", s)
+	}
+}

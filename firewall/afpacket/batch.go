@@ -215,6 +215,10 @@ func (l *Link) send(k int) (stalled bool, err error) {
 		t.vlen = k - t.off
 		t.wait = false
 		err = l.rc.Write(t.send)
+		if err == nil && t.errno == unix.EAGAIN && l.cfg.WriteTimeout < 0 {
+			l.count(&l.txBusy, uint64(k-t.off), "send queue full, frames dropped")
+			return true, nil
+		}
 		if err == nil && t.errno == unix.EAGAIN {
 			// The send queue is full. Wait for room, but not forever.
 			if err = l.file.SetWriteDeadline(time.Now().Add(l.cfg.WriteTimeout)); err == nil {

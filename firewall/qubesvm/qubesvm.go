@@ -35,7 +35,11 @@ type Config struct {
 	// OpenLink opens a network interface once it exists (waiting for it
 	// until ctx ends) and brings it up.
 	OpenLink func(ctx context.Context, name string) (link.Link, error)
-	Uplink   string // the netfront: "eth0"
+	// OpenClientLink opens a client's vif the same way; nil: OpenLink.
+	// Client links should not wait on a full send queue (a stalled
+	// client must not hold up the reader serving the other links).
+	OpenClientLink func(ctx context.Context, name string) (link.Link, error)
+	Uplink         string // the netfront: "eth0"
 
 	// BSD netvm mode: no netfront; the netvm is the client whose IP is
 	// Gateway and our address is IP.
@@ -89,7 +93,11 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	})
 	wg.Go(func() {
-		err := vifs.Run(ctx, vifs.Config{XS: cfg.XS, Attacher: att, Links: linksFunc(cfg.OpenLink), Logf: logf})
+		open := cfg.OpenClientLink
+		if open == nil {
+			open = cfg.OpenLink
+		}
+		err := vifs.Run(ctx, vifs.Config{XS: cfg.XS, Attacher: att, Links: linksFunc(open), Logf: logf})
 		if err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("client discovery: %w", err)
 		}

@@ -141,15 +141,21 @@ func run(o options, logf func(string, ...any)) error {
 	}()
 	ls := &linkSet{}
 	sockBuf := socketBuffer(o.sockBuf)
-	openLink := func(name string) (link.Link, error) {
-		l, err := afpacket.Open(name, afpacket.Config{Logf: logf, SocketBuffer: sockBuf})
+	// Clients' links drop on a full send queue instead of waiting: a
+	// stalled client costs only its own frames (the uplink may wait).
+	openLink := func(name string, client bool) (link.Link, error) {
+		cfg := afpacket.Config{Logf: logf, SocketBuffer: sockBuf}
+		if client {
+			cfg.WriteTimeout = -1
+		}
+		l, err := afpacket.Open(name, cfg)
 		if err == nil {
 			ls.add(l)
 		}
 		return l, err
 	}
 	for _, cs := range o.clients {
-		l, err := openLink(cs.ifname)
+		l, err := openLink(cs.ifname, true)
 		if err != nil {
 			return fmt.Errorf("client %s: %w", cs.ifname, err)
 		}
@@ -168,7 +174,7 @@ func run(o options, logf func(string, ...any)) error {
 		logf("firewall: client %v on %s", netip.AddrFrom4(cs.ip), cs.ifname)
 	}
 
-	ctl := control.New(control.Config{Dispatcher: d, UplinkName: o.uplink, OpenLink: openLink, Logf: logf})
+	ctl := control.New(control.Config{Dispatcher: d, UplinkName: o.uplink, OpenLink: func(name string) (link.Link, error) { return openLink(name, false) }, Logf: logf})
 	res := ctl.NewResolver()
 
 	db := qubesdb.NewClient(qubesdb.UnixDialer(o.qubesdb), qubesdb.Daemon, logf)

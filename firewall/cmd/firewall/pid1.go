@@ -121,17 +121,18 @@ func runPID1() {
 		fatal(logf, err)
 	}
 	cfg := qubesvm.Config{
-		XS:           xs,
-		QubesDB:      qubesDBDialer(opts.QubesDB, xs),
-		OpenLink:     qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
-		Uplink:       "eth0",
-		BSDIP:        opts.IPv4,
-		BSDGateway:   opts.Gateway,
-		BSDDNS:       opts.DNS,
-		NATTableSize: natSize(opts.NATTableSize),
-		NATClientMax: opts.NATClientMax,
-		StatsEvery:   time.Minute,
-		Logf:         logf,
+		XS:             xs,
+		QubesDB:        qubesDBDialer(opts.QubesDB, xs),
+		OpenLink:       qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
+		OpenClientLink: qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0), WriteTimeout: -1}),
+		Uplink:         "eth0",
+		BSDIP:          opts.IPv4,
+		BSDGateway:     opts.Gateway,
+		BSDDNS:         opts.DNS,
+		NATTableSize:   natSize(opts.NATTableSize),
+		NATClientMax:   opts.NATClientMax,
+		StatsEvery:     time.Minute,
+		Logf:           logf,
 	}
 	if err := qubesvm.Run(ctx, cfg); err != nil {
 		fatal(logf, err)
@@ -226,8 +227,9 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 	}
 	cfg := qubesvm.Config{
 		XS: xs, QubesDB: dial, Uplink: *uplink,
-		OpenLink:     qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
-		NATTableSize: natSize(*natSz), StatsEvery: 5 * time.Second, Logf: logf,
+		OpenLink:       qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
+		OpenClientLink: qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0), WriteTimeout: -1}),
+		NATTableSize:   natSize(*natSz), StatsEvery: 5 * time.Second, Logf: logf,
 	}
 	for _, a := range []struct {
 		s   string
