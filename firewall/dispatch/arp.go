@@ -65,13 +65,12 @@ func (p *Port) arpReply(req []byte) {
 	p.d.stats.ARPReplies++
 }
 
-// sendARPLocked transmits an ARP request from outside a port's Input (on
-// uplink changes and ticks). With dstMAC broadcast and targetIP == ourIP
-// it is a gratuitous ARP announcing our address.
+// sendARPLocked queues an ARP request from outside a port's Input (on
+// uplink changes and ticks); unlock sends it. With dstMAC broadcast and
+// targetIP == ourIP it is a gratuitous ARP announcing our address.
 func (d *Dispatcher) sendARPLocked(p *Port, op uint16, ourIP [4]byte, targetMAC [6]byte, targetIP [4]byte) {
 	b := make([]byte, arpFrameLen)
 	header.PutEthernet(b, header.BroadcastMAC, p.mac, header.EtherTypeARP)
 	header.PutARP(b[header.EthernetLen:], op, p.mac, ourIP, targetMAC, targetIP)
-	// Written under the lock: rare, and the link never calls back.
-	_, _ = p.link.WriteBatch([]link.Frame{{Data: b}})
+	d.later.send(p, link.Frame{Data: b})
 }

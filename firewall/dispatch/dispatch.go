@@ -70,6 +70,7 @@ type Dispatcher struct {
 	ipID     uint16
 	echoes   tokenBucket // echo replies to the uplink side
 	log      logLimiter
+	later    deferred // work done after unlocking
 	stats    Stats
 }
 
@@ -138,7 +139,6 @@ func New(cfg Config) *Dispatcher {
 		cfg.LogBurst = 20
 	}
 	d := &Dispatcher{
-		logf:     cfg.Logf,
 		clock:    cfg.Clock,
 		cfg:      cfg,
 		ports:    make(map[*Port]struct{}),
@@ -149,9 +149,14 @@ func New(cfg Config) *Dispatcher {
 		gwMAC:    FallbackMAC,
 		echoes:   tokenBucket{perSec: cfg.EchoRepliesPerSecond, burst: cfg.EchoReplyBurst},
 	}
-	if d.logf == nil {
-		d.logf = func(string, ...any) {}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
 	}
+	// Everything the dispatcher logs is logged with d.mu held; the line
+	// is kept and written after unlocking (unlock), so a slow console
+	// never holds up forwarding.
+	d.later.out = cfg.Logf
+	d.logf = d.later.logf
 	if d.clock == nil {
 		start := time.Now()
 		d.clock = func() int64 { return int64(time.Since(start)) }
@@ -167,7 +172,7 @@ func (d *Dispatcher) Attach(l link.Link) *Port {
 	p := &Port{d: d, link: l, mac: l.MAC(), mtu: l.MTU(), frag: frag.New(d.cfg.Frag)}
 	d.mu.Lock()
 	d.ports[p] = struct{}{}
-	d.mu.Unlock()
+	d.unlock()
 	return p
 }
 
@@ -175,7 +180,7 @@ func (d *Dispatcher) Attach(l link.Link) *Port {
 // uplink, the uplink goes down. The caller closes the link.
 func (d *Dispatcher) Detach(p *Port) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	delete(d.ports, p)
 	for ip, c := range d.clients {
 		if c.port == p {
@@ -216,7 +221,7 @@ var ErrDuplicateIP = errors.New("client IP already attached on another link")
 // Until SetRules gives it rules, everything it sends is denied.
 func (d *Dispatcher) AddClient(ip [4]byte, mac [6]byte, p *Port) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	if c, ok := d.clients[ip]; ok {
 		if c.port != p {
 			return fmt.Errorf("add client %v on %s: %w (%s)", netip.AddrFrom4(ip), p.link.Name(), ErrDuplicateIP, c.port.link.Name())
@@ -236,7 +241,7 @@ func (d *Dispatcher) AddClient(ip [4]byte, mac [6]byte, p *Port) error {
 // rules stay known (dom0 keeps them in QubesDB) until SetRules(ip, nil).
 func (d *Dispatcher) RemoveClient(ip [4]byte) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	d.removeClientLocked(ip)
 }
 
@@ -259,7 +264,7 @@ func (d *Dispatcher) removeClientLocked(ip [4]byte) {
 // flows that the new rules would not accept.
 func (d *Dispatcher) SetRules(ip [4]byte, rs *rules.Ruleset) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	if rs == nil {
 		delete(d.rulesets, ip)
 	} else {
@@ -312,7 +317,7 @@ func (d *Dispatcher) envLocked() rules.Env {
 // SetDNS sets the DNS server addresses that specialtarget=dns rules match.
 func (d *Dispatcher) SetDNS(servers []netip.Addr) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	if slices.Equal(d.dns, servers) {
 		// Every QubesDB uplink event repeats the servers; re-checking
 		// every flow for nothing would scan the whole NAT table.
@@ -325,7 +330,7 @@ func (d *Dispatcher) SetDNS(servers []netip.Addr) {
 // SetResolver sets where dsthost rules look names up.
 func (d *Dispatcher) SetResolver(r rules.Resolver) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	d.resolver = r
 }
 
@@ -343,7 +348,7 @@ var ErrBadUplink = errors.New("unusable uplink addressing")
 // the refusal is counted, and SetUplink returns ErrBadUplink: fail closed.
 func (d *Dispatcher) SetUplink(u *Uplink) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	if u != nil {
 		if err := d.checkUplinkLocked(u); err != nil {
 			d.stats.UplinksRefused++
@@ -421,7 +426,7 @@ const gatewayRecheck = 60
 func (d *Dispatcher) Tick() {
 	now := d.clock()
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	d.nat.Expire(now)
 	for p := range d.ports {
 		p.frag.Expire(now)
@@ -441,7 +446,7 @@ func (d *Dispatcher) Tick() {
 // Stats returns a snapshot of the counters.
 func (d *Dispatcher) Stats() Stats {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	s := d.stats
 	s.Clients = make(map[[4]byte]Counters, len(d.stats.Clients)+len(d.clients))
 	for ip, c := range d.stats.Clients {
@@ -461,6 +466,6 @@ func (d *Dispatcher) Stats() Stats {
 // NATStats returns the NAT table's counters.
 func (d *Dispatcher) NATStats() nat.Stats {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	return d.nat.Stats()
 }

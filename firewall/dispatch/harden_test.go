@@ -448,3 +448,52 @@ func TestDsthostAddressChangeKeepsFlows(t *testing.T) {
 	up, _ = n.fromClient(0, seg.bytes())
 	none(t, up, "the flow after its rule went")
 }
+
+// lockCheckLink fails the test when the dispatcher writes to it with its
+// lock held.
+type lockCheckLink struct {
+	link.Link
+	t *testing.T
+	d **Dispatcher
+}
+
+func (l *lockCheckLink) WriteBatch(f []link.Frame) (int, error) {
+	if d := *l.d; d != nil {
+		if !d.mu.TryLock() {
+			l.t.Error("a frame was written with the dispatcher's lock held")
+		} else {
+			d.mu.Unlock()
+		}
+	}
+	return l.Link.WriteBatch(f)
+}
+
+// Console logging and generated ARP frames happen after the lock is
+// released: a slow console or link must not stall forwarding.
+func TestNothingSlowUnderTheLock(t *testing.T) {
+	var d *Dispatcher
+	logged := 0
+	d = New(Config{Logf: func(format string, args ...any) {
+		logged++
+		if !d.mu.TryLock() {
+			t.Errorf("logged with the lock held: "+format, args...)
+		} else {
+			d.mu.Unlock()
+		}
+	}})
+	upA, upB := link.NewPipe("eth0", upMAC, "netvm", gwMAC, 1500)
+	up := d.Attach(&lockCheckLink{Link: upA, t: t, d: &d})
+	if err := d.SetUplink(&Uplink{Port: up, IP: fwIP, Gateway: gwIP}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(upB.TryRead()); n != 2 {
+		t.Fatalf("%d ARP frames after SetUplink, want 2 (gratuitous, who-has)", n)
+	}
+	for range 10 {
+		d.Tick()
+	}
+	up.Input([]link.Frame{{Data: arpReplyFrame([6]byte{2, 0, 0, 0, 0, 7}, gwIP, upMAC, fwIP)}})
+	if logged < 2 {
+		t.Fatalf("%d lines logged, want the uplink and gateway lines", logged)
+	}
+}

@@ -25,7 +25,7 @@ func (p *Port) Input(frames []link.Frame) {
 			p.input(&frames[i], now)
 		}
 	}
-	d.mu.Unlock()
+	d.unlock()
 	p.flush()
 }
 

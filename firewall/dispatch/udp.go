@@ -35,7 +35,7 @@ const udpQueueLen = 64
 // ListenUDP opens a UDP socket on a random port of the uplink address.
 func (d *Dispatcher) ListenUDP() (*UDPConn, error) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	port, err := d.nat.ReservePort(header.ProtoUDP)
 	if err != nil {
 		return nil, fmt.Errorf("reserve UDP port: %w", err)
@@ -57,12 +57,12 @@ func (c *UDPConn) WriteTo(b []byte, dst netip.AddrPort) error {
 	d.mu.Lock()
 	u := d.uplink
 	if u == nil {
-		d.mu.Unlock()
+		d.unlock()
 		return ErrNoUplink
 	}
 	total := header.IPv4MinLen + header.UDPLen + len(b)
 	if total > u.Port.mtu {
-		d.mu.Unlock()
+		d.unlock()
 		return fmt.Errorf("send %d bytes to %v: larger than MTU %d", len(b), dst, u.Port.mtu)
 	}
 	f := make([]byte, header.EthernetLen+total)
@@ -73,7 +73,7 @@ func (c *UDPConn) WriteTo(b []byte, dst netip.AddrPort) error {
 	copy(l4[header.UDPLen:], b)
 	header.PutUDP(l4, u.IP, dst.Addr().As4(), c.port, dst.Port(), len(b))
 	out := u.Port.link
-	d.mu.Unlock()
+	d.unlock()
 	_, err := out.WriteBatch([]link.Frame{{Data: f}})
 	return err
 }
@@ -95,7 +95,7 @@ func (c *UDPConn) ReadFrom(ctx context.Context, b []byte) (int, netip.AddrPort, 
 func (c *UDPConn) Close() error {
 	d := c.d
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	defer d.unlock()
 	if d.local[c.port] != c {
 		return nil
 	}
