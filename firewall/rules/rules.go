@@ -98,6 +98,15 @@ func DenyAll() *Ruleset { return &Ruleset{policy: Drop} }
 // policyKey is the entry holding the default action.
 const policyKey = "policy"
 
+// MaxRules bounds the rules of one client. A larger set is refused and the
+// client denied everything (fail closed): the keys allow 10,000 rules, and
+// every rule costs memory and time on each new flow. qvm-firewall sets of a
+// few dozen rules are usual.
+const MaxRules = 1000
+
+// logRules is how many rules String lists before summarising the rest.
+const logRules = 16
+
 // Parse builds a ruleset from the entries below /qubes-firewall/<ip>/,
 // keyed relative to it: "policy" and rules "0000" to "9999" (gaps allowed,
 // every rule is used). On any error it returns DenyAll() and the error,
@@ -133,6 +142,9 @@ func parse(entries map[string]string) (*Ruleset, error) {
 			return nil, fmt.Errorf("key %q: not policy and not a 4-digit rule number", k)
 		}
 		keys = append(keys, k)
+	}
+	if len(keys) > MaxRules {
+		return nil, fmt.Errorf("%d rules: at most %d allowed", len(keys), MaxRules)
 	}
 	// Four digits each, so string order is numeric order.
 	slices.Sort(keys)
@@ -179,7 +191,8 @@ func (r *Ruleset) Match(p Packet, env Env) Verdict {
 // to resolve. The slice is the caller's.
 func (r *Ruleset) Names() []string { return slices.Clone(r.names) }
 
-// String describes the ruleset on one line, for logs.
+// String describes the ruleset on one line, for logs: the policy and the
+// first rules, then how many more there are.
 func (r *Ruleset) String() string {
 	var b strings.Builder
 	b.WriteString("policy=" + r.policy.String())
@@ -187,6 +200,10 @@ func (r *Ruleset) String() string {
 		b.WriteString(", no rules")
 	}
 	for i, rule := range r.rules {
+		if i == logRules {
+			fmt.Fprintf(&b, "; and %d more rules (%d in all)", len(r.rules)-logRules, len(r.rules))
+			break
+		}
 		fmt.Fprintf(&b, "; #%d %s: %v", i, r.keys[i], rule)
 	}
 	return b.String()
