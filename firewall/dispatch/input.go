@@ -366,6 +366,10 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
 		e = d.nat.TranslateICMPErrorIn(f.Data, pk, now)
 	} else if e = d.nat.LookupIn(pk, now); e != nil {
+		if !e.AcceptsIn(pk) {
+			d.drop(nil, ReasonTCPReset)
+			return
+		}
 		d.nat.TranslateIn(e, f.Data, pk, csumMode(f), now)
 	}
 	if e == nil {

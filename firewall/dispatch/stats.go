@@ -37,6 +37,7 @@ const (
 	ReasonSourceMAC                    // Ethernet source not the client's MAC, or a group address
 	ReasonNATQuota                     // the client holds its share of the NAT table
 	ReasonProtocol                     // accepted, but a protocol NAT cannot track (not TCP, UDP or an ICMP query)
+	ReasonTCPReset                     // inbound TCP RST with an implausible sequence number
 	numReasons
 )
 
@@ -46,7 +47,7 @@ var reasonNames = [numReasons]string{
 	"ports-exhausted", "no-entry", "uplink-spoof", "not-for-us", "ttl",
 	"fragment", "too-big", "no-buffer", "local", "echo-limit", "icmp-error",
 	"ip-options", "martian", "offload", "source-mac",
-	"nat-quota", "protocol",
+	"nat-quota", "protocol", "tcp-reset",
 }
 
 func (r Reason) String() string {

@@ -55,7 +55,7 @@ func TestDecodeSYN(t *testing.T) {
 	p.Decode(f)
 	want := Parsed{Kind: KindIPv4, EtherType: EtherTypeIPv4, IPOff: 14, L4Off: 34, End: 58, Proto: ProtoTCP,
 		Src: [4]byte{10, 137, 0, 5}, Dst: [4]byte{93, 184, 216, 34}, TTL: 64,
-		SrcPort: 40000, DstPort: 443, TCPFlags: TCPSyn}
+		SrcPort: 40000, DstPort: 443, TCPFlags: TCPSyn, TCPSeq: 1}
 	if p != want {
 		t.Fatalf("Decode:\n got %+v\nwant %+v", p, want)
 	}

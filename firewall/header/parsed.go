@@ -38,6 +38,7 @@ type Parsed struct {
 	// Transport fields, valid when Kind == KindIPv4 && !Fragment.
 	SrcPort, DstPort uint16 // TCP and UDP ports
 	TCPFlags         uint8
+	TCPSeq, TCPAck   uint32
 	ICMPType         uint8
 	ICMPCode         uint8
 	ICMPIdent        uint16 // for ICMP queries
@@ -104,6 +105,7 @@ func (p *Parsed) decodeTransport(l4 []byte) bool {
 			return false
 		}
 		p.SrcPort, p.DstPort, p.TCPFlags = t.SrcPort(), t.DstPort(), t.Flags()
+		p.TCPSeq, p.TCPAck = t.Seq(), t.Ack()
 	case ProtoUDP:
 		u := UDP(l4)
 		if len(u) < UDPLen || int(u.Length()) < UDPLen || int(u.Length()) > len(u) {

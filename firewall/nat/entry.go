@@ -123,6 +123,30 @@ type Entry struct {
 	prevLRU int32 // neighbours in the LRU list (toward the head), -1 = none
 	nextLRU int32 // toward the tail; also links the free list
 	idx     int32 // own index in the slab
+	// seq is what an inbound RST is checked against: in TCPSynSent the
+	// client's SYN sequence number + 1 (a RST must acknowledge it), later
+	// the remote's next sequence number as the client last acknowledged
+	// it. It fills what was padding: the entry stays 48 bytes.
+	seq uint32
+}
+
+// rstWindow is how far from the client's last acknowledgement an inbound
+// RST's sequence number may be (RFC 5961 3.2 accepts it within the
+// receive window; the window's scale is not tracked, so a fixed bound that
+// covers usual windows). An off-path attacker must guess within it.
+const rstWindow = 1 << 20
+
+// AcceptsIn reports whether a packet from the remote fits the flow: a TCP
+// RST must carry a plausible sequence number (in reply to our SYN, the
+// acknowledgement of it), so that a blind reset cannot end the flow.
+func (e *Entry) AcceptsIn(p *header.Parsed) bool {
+	if e.ct.Proto != header.ProtoTCP || p.TCPFlags&header.TCPRst == 0 {
+		return true
+	}
+	if e.state == TCPSynSent {
+		return p.TCPFlags&header.TCPAck != 0 && p.TCPAck == e.seq
+	}
+	return p.TCPSeq-e.seq+rstWindow < 2*rstWindow
 }
 
 // ClientTuple is the flow as the client sends it: client ip:port -> remote.
@@ -159,6 +183,13 @@ func (e *Entry) track(p *header.Parsed, out bool) {
 	switch e.ct.Proto {
 	case header.ProtoTCP:
 		f := p.TCPFlags
+		if out && f&(header.TCPSyn|header.TCPAck) == header.TCPSyn {
+			e.seq = p.TCPSeq + 1
+		} else if out && f&header.TCPAck != 0 && e.state != TCPSynSent {
+			e.seq = p.TCPAck
+		} else if !out && f&(header.TCPSyn|header.TCPAck) == header.TCPSyn|header.TCPAck && e.state == TCPSynSent {
+			e.seq = p.TCPSeq + 1 // what the client's ACK will acknowledge
+		}
 		switch {
 		case f&header.TCPRst != 0:
 			e.state = TCPReset

@@ -637,3 +637,56 @@ func TestClientQuotaConfigured(t *testing.T) {
 	}
 	mustCheck(t, tb)
 }
+
+// A RST from the remote ends a flow only with a plausible sequence number:
+// in reply to the SYN it must acknowledge it, later it must be near what
+// the client last acknowledged. A blind RST with a guessed number is
+// refused and the flow goes on.
+func TestBlindResetRefused(t *testing.T) {
+	tb := newTable(t, Config{MaxEntries: 16})
+	seg := func(out bool, flags uint8, seq, ack uint32) *header.Parsed {
+		src, dst, sp, dp := client, remote, uint16(40000), uint16(443)
+		if !out {
+			src, dst, sp, dp = remote, uplink, 443, 0
+		}
+		p := decode(t, ipFrame(header.ProtoTCP, src, dst, tcpSeg(sp, dp, flags, "")))
+		p.TCPSeq, p.TCPAck = seq, ack
+		return p
+	}
+	syn := seg(true, header.TCPSyn, 5000, 0)
+	e, err := tb.Create(syn, uplink, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.AcceptsIn(seg(false, header.TCPRst|header.TCPAck, 0, 4242)) {
+		t.Error("RST not acknowledging the SYN accepted")
+	}
+	if e.AcceptsIn(seg(false, header.TCPRst, 0, 0)) {
+		t.Error("RST without ACK in reply to a SYN accepted")
+	}
+	if !e.AcceptsIn(seg(false, header.TCPRst|header.TCPAck, 0, 5001)) {
+		t.Error("the remote's refusal of the SYN refused")
+	}
+	// Handshake: SYN-ACK with the remote's ISN 90000, the client's ACK.
+	synack := seg(false, header.TCPSyn|header.TCPAck, 90000, 5001)
+	tb.refresh(e, synack, false, sec)
+	tb.refresh(e, seg(true, header.TCPAck, 5001, 90001), true, sec)
+	// Data from the remote, acknowledged by the client up to 190001.
+	tb.refresh(e, seg(true, header.TCPAck, 5001, 190001), true, sec)
+	for _, seq := range []uint32{190001 + 5<<20, 190001 + 3<<20, 190001 + 1<<31, 0x80000000} {
+		if e.AcceptsIn(seg(false, header.TCPRst, seq, 0)) {
+			t.Errorf("blind RST at seq %d accepted (client acknowledged 190001)", seq)
+		}
+	}
+	for _, seq := range []uint32{190001, 190001 + 65535, 190001 - 1000} {
+		if !e.AcceptsIn(seg(false, header.TCPRst, seq, 0)) {
+			t.Errorf("RST at seq %d (in window) refused", seq)
+		}
+	}
+	if !e.AcceptsIn(seg(false, header.TCPAck, 7, 7)) {
+		t.Error("a segment without RST refused")
+	}
+	if e.State() != TCPEstablished {
+		t.Fatalf("state %v, want established", e.State())
+	}
+}
