@@ -37,3 +37,18 @@ func TestOnlyAllowedImports(t *testing.T) {
 		t.Fatal("go list reported no packages")
 	}
 }
+
+// The firewall binary contains no test scaffolding: fakes and in-memory
+// servers live in packages named ...test (as net/http/httptest), which only
+// tests and test tools import. AUDIT.md lists what the binary is made of.
+func TestBinaryHasNoTestPackages(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "-f", "{{if not .Standard}}{{.ImportPath}}{{end}}", "./cmd/firewall").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasSuffix(pkg, "test") || strings.Contains(pkg, "/internal/") {
+			t.Errorf("the firewall binary imports %s, test scaffolding", pkg)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package control
 import (
 	"context"
 	"errors"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
 	"net/netip"
 	"slices"
 	"sync"
@@ -27,7 +28,7 @@ func (r *fakeResolver) Kick()               { r.mu.Lock(); r.kicks++; r.mu.Unloc
 type links struct {
 	mu      sync.Mutex
 	present bool
-	peers   []*link.Pipe
+	peers   []*linktest.Pipe
 	opened  int
 }
 
@@ -37,7 +38,7 @@ func (l *links) open(name string) (link.Link, error) {
 	if !l.present {
 		return nil, errors.New("no such interface")
 	}
-	a, b := link.NewPipe(name, [6]byte{2, 0, 0, 0, 0, 1}, "netvm", [6]byte{2, 0, 0, 0, 0, 2}, 1500)
+	a, b := linktest.NewPipe(name, [6]byte{2, 0, 0, 0, 0, 1}, "netvm", [6]byte{2, 0, 0, 0, 0, 2}, 1500)
 	l.peers = append(l.peers, b)
 	l.opened++
 	return a, nil

@@ -2,6 +2,7 @@ package dispatch
 
 import (
 	"encoding/binary"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
 	"net/netip"
 	"testing"
 
@@ -42,9 +43,9 @@ type testNet struct {
 	d      *Dispatcher
 	now    int64
 	up     *Port
-	upPeer *link.Pipe
+	upPeer *linktest.Pipe
 	c      [2]*Port
-	cPeer  [2]*link.Pipe
+	cPeer  [2]*linktest.Pipe
 }
 
 func newTestNet(t testing.TB) *testNet { return newTestNetMTU(t, 1500) }
@@ -54,10 +55,10 @@ func newTestNet(t testing.TB) *testNet { return newTestNetMTU(t, 1500) }
 func newTestNetMTU(t testing.TB, upMTU int) *testNet {
 	n := &testNet{t: t, now: 1e9}
 	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }})
-	upA, upB := link.NewPipe("eth0", upMAC, "netvm", gwMAC, upMTU)
+	upA, upB := linktest.NewPipe("eth0", upMAC, "netvm", gwMAC, upMTU)
 	n.up, n.upPeer = n.d.Attach(upA), upB
 	for i, ip := range [][4]byte{client1, client2} {
-		a, b := link.NewPipe("vif", vifMAC, "client", [][6]byte{c1MAC, c2MAC}[i], 1500)
+		a, b := linktest.NewPipe("vif", vifMAC, "client", [][6]byte{c1MAC, c2MAC}[i], 1500)
 		n.c[i], n.cPeer[i] = n.d.Attach(a), b
 		if err := n.d.AddClient(ip, [][6]byte{c1MAC, c2MAC}[i], n.c[i]); err != nil {
 			t.Fatal(err)
@@ -506,7 +507,7 @@ func TestUplinkChange(t *testing.T) {
 	up, _ := n.fromClient(0, out.bytes())
 	oldPort := checkValid(t, one(t, up, "before")).SrcPort
 	// The netvm changes: new link, new address. Old flows are flushed.
-	a, b := link.NewPipe("eth1", upMAC, "netvm2", gwMAC, 1500)
+	a, b := linktest.NewPipe("eth1", upMAC, "netvm2", gwMAC, 1500)
 	newIP := ip4("10.138.5.5")
 	n.d.SetUplink(&Uplink{Port: n.d.Attach(a), IP: newIP, Gateway: ip4("10.138.5.1")})
 	sent := b.TryRead()
@@ -550,7 +551,7 @@ func TestIPv6AndJunkCounted(t *testing.T) {
 type bsdNet struct {
 	*testNet
 	p0, p1       *Port
-	netvm, appvm *link.Pipe
+	netvm, appvm *linktest.Pipe
 }
 
 var netvmIP = ip4("10.137.0.1")
@@ -558,13 +559,13 @@ var netvmIP = ip4("10.137.0.1")
 func newBSDNet(t *testing.T) *bsdNet {
 	n := &bsdNet{testNet: &testNet{t: t, now: 1e9}}
 	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }})
-	a, netvm := link.NewPipe("vif1.0", vifMAC, "netvm", gwMAC, 1500)
+	a, netvm := linktest.NewPipe("vif1.0", vifMAC, "netvm", gwMAC, 1500)
 	n.p0, n.netvm = n.d.Attach(a), netvm
 	if err := n.d.AddClient(netvmIP, gwMAC, n.p0); err != nil {
 		t.Fatal(err)
 	}
 	n.d.SetRules(netvmIP, acceptRS)
-	b, appvm := link.NewPipe("vif2.0", vifMAC, "appvm", c1MAC, 1500)
+	b, appvm := linktest.NewPipe("vif2.0", vifMAC, "appvm", c1MAC, 1500)
 	n.p1, n.appvm = n.d.Attach(b), appvm
 	if err := n.d.AddClient(client1, c1MAC, n.p1); err != nil {
 		t.Fatal(err)

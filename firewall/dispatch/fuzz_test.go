@@ -40,7 +40,9 @@ func FuzzDispatcher(f *testing.F) {
 		ports := []*Port{n.c[0], n.c[1], n.up}
 		p := ports[int(which)%len(ports)]
 		inLen := len(frame)
-		wantReply := answerable(frame, int(which)%len(ports))
+		// Offload metadata never fit an ICMP message: such a frame is
+		// dropped whatever it holds.
+		wantReply := answerable(frame, int(which)%len(ports)) && which&8 == 0 && (which>>4)&1 == 0
 		p.Input([]link.Frame{{Data: frame, Offload: link.Offload{NeedsCsum: which&8 != 0, GSOType: uint8(which>>4) & 1}}})
 		echoReplies := 0
 		countEchoReply := func(pk *header.Parsed, out []byte) {

@@ -3,6 +3,7 @@ package dispatch
 import (
 	"encoding/binary"
 	"errors"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
 	"net/netip"
 	"testing"
 
@@ -481,7 +482,7 @@ func TestNothingSlowUnderTheLock(t *testing.T) {
 			d.mu.Unlock()
 		}
 	}})
-	upA, upB := link.NewPipe("eth0", upMAC, "netvm", gwMAC, 1500)
+	upA, upB := linktest.NewPipe("eth0", upMAC, "netvm", gwMAC, 1500)
 	up := d.Attach(&lockCheckLink{Link: upA, t: t, d: &d})
 	if err := d.SetUplink(&Uplink{Port: up, IP: fwIP, Gateway: gwIP}); err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package imagetest
 import (
 	"bufio"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb/qubesdbtest"
 	"io"
 	"net"
 	"os"
@@ -12,7 +13,6 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
@@ -26,7 +26,7 @@ type firewallVM struct {
 	t    *testing.T
 	vm   *vm
 	xs   *xenstoretest.FakeServer
-	db   *qubesdb.Server
+	db   *qubesdbtest.Server
 	host *netnstest.Buffer // the fakes' own log
 }
 
@@ -45,7 +45,7 @@ func bootFirewall(t *testing.T, img *image, tag string, mem int, uplink *nic, cl
 	t.Helper()
 	f := &firewallVM{t: t, xs: xenstoretest.NewFakeServer(1), host: &netnstest.Buffer{}}
 	logf := func(format string, args ...any) { fmt.Fprintf(f.host, format+"\n", args...) }
-	f.db = qubesdb.NewServer(logf)
+	f.db = qubesdbtest.NewServer(logf)
 	for k, v := range qdb {
 		if err := f.db.Write(k, v); err != nil {
 			t.Fatal(err)

@@ -71,6 +71,10 @@ func NewClient(dial func(context.Context) (io.ReadWriteCloser, error), mode Mode
 	return &Client{dial: dial, mode: mode, logf: logf, minBackoff: minBackoff}
 }
 
+// SetFirstRetry sets the wait before the first reconnection (default 100
+// ms; it doubles up to 5 s). Tests shorten it.
+func (c *Client) SetFirstRetry(d time.Duration) { c.minBackoff = d }
+
 // Run connects, delivers a snapshot, then every change, until ctx is done.
 // When the connection fails it reconnects with exponential backoff and
 // delivers a fresh snapshot, which the handler diffs against what it had.

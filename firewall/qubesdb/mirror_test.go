@@ -9,7 +9,6 @@ import (
 	"reflect"
 	"slices"
 	"testing"
-	"time"
 )
 
 type eventLog struct{ events []Event }
@@ -123,38 +122,6 @@ func TestMirrorCoalescing(t *testing.T) {
 	got := log.take()
 	if len(got) != 2 || got[0].Kind != EventUplink || got[0].Uplink.PrimaryDNS != "10.139.1.1" || got[1].Kind != EventRules {
 		t.Fatalf("order: %+v", got)
-	}
-}
-
-// TestMirrorOverPeer drives a Mirror the way the firewall will: a Peer-mode
-// client of a dom0-mode server.
-func TestMirrorOverPeer(t *testing.T) {
-	s := newTestServer(t, "/qubes-ip", "10.137.0.1")
-	events := make(chan Event, 100)
-	runClient(t, NewClient(UnixDialer(startPeerServer(t, s)), Peer, t.Logf), NewMirror(func(e Event) { events <- e }))
-	next := func() Event {
-		t.Helper()
-		select {
-		case e := <-events:
-			return e
-		case <-time.After(guard):
-			t.Fatal("no event")
-			return Event{}
-		}
-	}
-	if e := next(); e.Kind != EventSnapshot || e.Uplink.IP != "10.137.0.1" {
-		t.Fatalf("first event %+v", e)
-	}
-	s.Remove("/qubes-firewall/10.137.0.5/")
-	s.Write("/qubes-firewall/10.137.0.5/policy", "drop")
-	s.Write("/qubes-firewall/10.137.0.5/0001", "action=accept specialtarget=dns")
-	s.Write("/qubes-firewall/10.137.0.5", "")
-	if e := next(); e.Kind != EventRules || e.IP != "10.137.0.5" || len(e.Rules) != 2 {
-		t.Fatalf("rules event %+v", e)
-	}
-	s.Write("/qubes-ip", "10.137.0.2")
-	if e := next(); e.Kind != EventUplink || e.Uplink.IP != "10.137.0.2" {
-		t.Fatalf("uplink event %+v", e)
 	}
 }
 

@@ -3,6 +3,7 @@ package vchan_test
 import (
 	"bufio"
 	"context"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb/qubesdbtest"
 	"io"
 	"strings"
 	"sync"
@@ -17,7 +18,7 @@ import (
 // bytes each way, order 12): snapshot, pushed changes, and a reconnection
 // after the server side exits.
 func TestQubesDBOverVchan(t *testing.T) {
-	srv := qubesdb.NewServer(t.Logf)
+	srv := qubesdbtest.NewServer(t.Logf)
 	for k, v := range map[string]string{
 		qubesdb.KeyIP:                        "10.137.0.5",
 		qubesdb.KeyGateway:                   "10.137.0.1",

@@ -3,6 +3,7 @@ package vifs
 import (
 	"context"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
 	"strings"
 	"sync"
 	"testing"
@@ -45,7 +46,7 @@ func (f *fakeLinks) Open(ctx context.Context, name string) (link.Link, error) {
 			return nil, ctx.Err()
 		}
 	}
-	fw, _ := link.NewPipe(name, [6]byte{0xfe, 0xff, 0xff, 0xff, 0xff, 0xff}, "vm", [6]byte{}, 1500)
+	fw, _ := linktest.NewPipe(name, [6]byte{0xfe, 0xff, 0xff, 0xff, 0xff, 0xff}, "vm", [6]byte{}, 1500)
 	return fw, nil
 }
 

@@ -144,6 +144,11 @@ func (c *Client) readLoop() {
 				err = ErrClosed
 			}
 			c.fail(fmt.Errorf("xenstore read: %w", err))
+			// The stream is out of step for good (a header we cannot
+			// frame, a length past the limit): close it, so the peer
+			// sees the end instead of writing into a connection that
+			// nobody reads any more.
+			c.rwc.Close()
 			return
 		}
 		c.dispatch(m)

@@ -63,7 +63,7 @@ func TestXenBench(t *testing.T) {
 		t.Skip("measurements, not a test: run by `make bench-xen` (QGFW_XEN_BENCH=1, QGFW_XEN_DIST)")
 	}
 	e := needXen(t)
-	sizes := envOr("QGFW_XEN_BENCH_SIZES", "64-48-40-32-28-24-20-16")
+	sizes := envOr("QGFW_XEN_BENCH_SIZES", "64-48-40-32-28-24-20")
 	secs := envInt(t, "QGFW_XEN_BENCH_TIME", 5)
 	runs := envInt(t, "QGFW_XEN_BENCH_RUNS", 3)
 	udp := envOr("QGFW_XEN_BENCH_UDP", "20M")

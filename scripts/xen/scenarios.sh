@@ -116,17 +116,17 @@ agent() {
 	dom=$1; shift
 	id=$(xl domid "$dom" 2>/dev/null) || { echo "error no domain $dom"; return 1; }
 	nf=/tmp/agent-$id.n
-	n=$(($(cat "$nf" 2>/dev/null || echo 0) + 1)); echo $n > "$nf"
+	ag_n=$(($(cat "$nf" 2>/dev/null || echo 0) + 1)); echo $ag_n > "$nf"
 	base=/local/domain/$id/data/qgfw-test
-	xenstore-write "$base/cmd/$n" "$*"
-	i=0
-	while [ $i -lt 120 ]; do
-		if r=$(xenstore-read "$base/result/$n" 2>/dev/null); then
+	xenstore-write "$base/cmd/$ag_n" "$*"
+	ag_i=0
+	while [ $ag_i -lt 120 ]; do
+		if r=$(xenstore-read "$base/result/$ag_n" 2>/dev/null); then
 			echo "$r"
 			case $r in ok*) return 0 ;; esac
 			return 1
 		fi
-		sleep 0.5; i=$((i + 1))
+		sleep 0.5; ag_i=$((ag_i + 1))
 	done
 	echo "error agent did not answer"; return 1
 }
@@ -175,12 +175,12 @@ flake() { # SCENARIO NAME (to the console: check captures stdout)
 }
 # launch SCENARIO NAME: create a test VM and wait for its rc.
 launch() {
-	n=0
+	ln_try=0
 	while :; do
-		n=$((n + 1))
+		ln_try=$((ln_try + 1))
 		create "$2" || return 1
 		booted "$2" "guest: "; rc=$?
-		if [ $rc != 2 ] || [ $n -ge 3 ]; then return $rc; fi
+		if [ $rc != 2 ] || [ $ln_try -ge 3 ]; then return $rc; fi
 		flake "$1" "$2"
 		xl destroy "$2" >/dev/null 2>&1
 	done
@@ -195,8 +195,8 @@ rules() {
 	fw=$1 ip=$2; shift 2
 	qubesdb-rm -d "$fw" "/qubes-firewall/$ip/"
 	qdb "$fw" "/qubes-firewall/$ip/policy" drop
-	n=0
-	for r in "$@"; do qdb "$fw" "/qubes-firewall/$ip/$(printf %04d $n)" "$r"; n=$((n + 1)); done
+	rn=0
+	for r in "$@"; do qdb "$fw" "/qubes-firewall/$ip/$(printf %04d $rn)" "$r"; rn=$((rn + 1)); done
 	qdb "$fw" "/qubes-firewall/$ip" ""
 }
 C1_RULES="action=accept proto=icmp|action=accept specialtarget=dns|action=accept dst4=10.138.0.1/32 proto=tcp dstports=7-7|action=accept dst4=10.138.1.1/32 proto=tcp dstports=7-7|action=accept dsthost=echo.test proto=udp dstports=7-7"
@@ -216,9 +216,10 @@ rules_c1() { # FW [RULES]
 startfw() {
 	s=$1 name=$2 mem=$3 keys=$6
 	fwcfg "$name" "$mem" "$4" "$5"
-	n=0
+	# Every variable in sh is global: KEYS (rules) must not reset our count.
+	sf_try=0
 	while :; do
-		n=$((n + 1))
+		sf_try=$((sf_try + 1))
 		xl create -p /tmp/$name.cfg >/tmp/$name.create 2>&1 || { cat /tmp/$name.create; return 1; }
 		id=$(xl domid "$name")
 		qubesdb-daemon "$id" "$name" || return 1
@@ -227,7 +228,7 @@ startfw() {
 		"$keys" "$name"
 		xl unpause "$name"
 		booted "$name" "started (pid 1)"; rc=$?
-		if [ $rc != 2 ] || [ $n -ge 3 ]; then return $rc; fi
+		if [ $rc != 2 ] || [ $sf_try -ge "${FLAKE_TRIES:-3}" ]; then return $rc; fi
 		flake "$s" "$name"
 		xl destroy "$name" >/dev/null 2>&1
 		pkill -f "qubesdb-daemon $id $name" 2>/dev/null

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb/qubesdbtest"
 	"net"
 	"os"
 	"os/exec"
@@ -13,7 +14,6 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
@@ -62,7 +62,7 @@ func TestXenModeAgainstFakes(t *testing.T) {
 	}
 	go xs.Serve(l)
 
-	db := qubesdb.NewServer(t.Logf)
+	db := qubesdbtest.NewServer(t.Logf)
 	t.Cleanup(func() { db.Close() })
 	for k, v := range map[string]string{
 		"/qubes-ip": "10.137.0.5", "/qubes-gateway": "10.137.0.1", "/qubes-primary-dns": "10.139.1.1",

@@ -4,18 +4,17 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb/qubesdbtest"
 	"io"
 	"net"
 	"os"
 	"strings"
-
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 )
 
 // serve runs a server until ctx is done.
 func serve(ctx context.Context, cmd command, stderr io.Writer) error {
 	logf := func(format string, args ...any) { fmt.Fprintf(stderr, format+"\n", args...) }
-	srv := qubesdb.NewServer(logf)
+	srv := qubesdbtest.NewServer(logf)
 	if cmd.initFile != "" {
 		if err := preload(srv, cmd.initFile); err != nil {
 			return err
@@ -72,7 +71,7 @@ func listen(path string) (net.Listener, error) {
 }
 
 // preload writes the entries of an init file: "PATH VALUE" per line.
-func preload(srv *qubesdb.Server, file string) error {
+func preload(srv *qubesdbtest.Server, file string) error {
 	f, err := os.Open(file)
 	if err != nil {
 		return fmt.Errorf("init: %w", err)

