@@ -281,7 +281,7 @@ func (w *fuzzWorld) fromUplink(r *fuzzReader) {
 	if b&0x20 != 0 && len(frame) > 0 {
 		frame[int(r.next())%len(frame)] ^= 1 << (r.next() % 8)
 	}
-	if b&0x40 != 0 && header.IPv4(frame[header.EthernetLen:]).IsValid() {
+	if b&0x40 != 0 && frame[header.EthernetLen] == 0x45 && header.IPv4(frame[header.EthernetLen:]).IsValid() {
 		// As a fragment train, in order or not.
 		var fs []link.Frame
 		for _, fr := range fragment(frame, 16+8*int(r.next()%8)) {
