@@ -36,9 +36,14 @@ type Config struct {
 	// UplinkName means BSD mode or no uplink link of ours.
 	UplinkName string
 	OpenLink   func(name string) (link.Link, error)
-	// BSDGateway, in BSD netvm mode, is the port of the netvm (a client)
-	// that carries the uplink; set with StaticUplink.
-	Logf func(format string, args ...any)
+	// ConfirmWait is how long an uplink that came back after its link
+	// died waits for QubesDB to confirm (or replace) its addressing before
+	// it sends with the addressing it had (default 5 s). A netvm change
+	// hot-plugs the new netvm's interface under the same name, and the old
+	// address must not leak to the new netvm; a restarted netvm of the
+	// same addressing gets its traffic after the wait.
+	ConfirmWait time.Duration
+	Logf        func(format string, args ...any)
 }
 
 // Controller applies QubesDB events. Its methods are safe for concurrent use.
@@ -55,10 +60,18 @@ type Controller struct {
 	portDone  chan struct{}              // closed when port's reader ends
 	dns       []netip.Addr
 	wantRetry bool
+	// unconfirmed: the uplink's link died; a new link of the same name
+	// may be another netvm's, so its addressing waits for QubesDB (or for
+	// holdUntil).
+	unconfirmed bool
+	holdUntil   time.Time
 }
 
 // New returns a Controller; call Run to keep the uplink alive.
 func New(cfg Config) *Controller {
+	if cfg.ConfirmWait <= 0 {
+		cfg.ConfirmWait = 5 * time.Second
+	}
 	c := &Controller{cfg: cfg, d: cfg.Dispatcher, logf: cfg.Logf, rulesets: make(map[[4]byte]*rules.Ruleset)}
 	if c.logf == nil {
 		c.logf = func(string, ...any) {}
@@ -175,6 +188,9 @@ func (c *Controller) applyUplink(u qubesdb.Uplink) {
 	changed := c.uplink != u
 	moved := c.uplink.IP != u.IP || c.uplink.Gateway != u.Gateway
 	c.uplink = u
+	// Whatever QubesDB says now is the current netvm's addressing.
+	held := c.unconfirmed
+	c.unconfirmed, c.holdUntil = false, time.Time{}
 	if len(dns) > 0 || c.static == nil {
 		// In BSD mode the kernel command line's DNS servers stand
 		// unless QubesDB names others.
@@ -184,6 +200,10 @@ func (c *Controller) applyUplink(u qubesdb.Uplink) {
 	c.mu.Unlock()
 	c.d.SetDNS(dns)
 	if !changed {
+		if held {
+			c.logf("control: QubesDB confirms the uplink settings")
+			c.reconcile(false)
+		}
 		return
 	}
 	c.logf("control: uplink settings ip=%q gateway=%q dns=%q,%q", u.IP, u.Gateway, u.PrimaryDNS, u.SecondaryDNS)
@@ -245,6 +265,19 @@ func (c *Controller) reconcile(reopen bool) {
 		c.portDone = make(chan struct{})
 		go c.serveUplink(c.port, c.portDone)
 	}
+	if c.unconfirmed {
+		now := time.Now()
+		if c.holdUntil.IsZero() {
+			c.holdUntil = now.Add(c.cfg.ConfirmWait)
+			c.logf("control: uplink %s is back; nothing goes out until QubesDB confirms its addressing (at most %v)", c.cfg.UplinkName, c.cfg.ConfirmWait)
+		}
+		if now.Before(c.holdUntil) {
+			c.wantRetry = true // Run calls again every tick
+			return
+		}
+		c.logf("control: no new uplink settings within %v: the same netvm is back", c.cfg.ConfirmWait)
+		c.unconfirmed, c.holdUntil = false, time.Time{}
+	}
 	c.wantRetry = false
 	if err := c.d.SetUplink(&dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()}); err != nil {
 		// Fail closed: the link stays open but nothing goes out until
@@ -268,6 +301,7 @@ func (c *Controller) serveUplink(p *dispatch.Port, done chan struct{}) {
 		p.Link().Close()
 		c.port = nil
 		c.wantRetry = true
+		c.unconfirmed = true
 	}
 }
 

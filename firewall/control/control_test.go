@@ -126,3 +126,89 @@ func TestUplinkRetriedUntilInterfaceAppears(t *testing.T) {
 		t.Fatal("uplink still open without a netvm")
 	}
 }
+
+// arpSender lists the sender addresses of the ARP frames among frames: a
+// configured uplink announces its address and asks for the gateway.
+func arpSender(frames []link.Frame) (ips [][4]byte) {
+	for _, f := range frames {
+		if len(f.Data) >= 42 && f.Data[12] == 0x08 && f.Data[13] == 0x06 {
+			ips = append(ips, [4]byte(f.Data[28:32]))
+		}
+	}
+	return ips
+}
+
+// After the uplink's link dies, the interface that comes back under the
+// same name may be a new netvm's (a netvm change hot-plugs it): nothing may
+// go out with the old address until QubesDB confirms or replaces it. Before,
+// the retry reopened it with the stale address at once.
+func TestUplinkAfterLinkDeathWaitsForQubesDB(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		confirm *qubesdb.Uplink // nil: QubesDB says nothing
+		want    [4]byte
+	}{
+		{"new netvm", &qubesdb.Uplink{IP: "10.138.0.7", Gateway: "10.138.0.1"}, [4]byte{10, 138, 0, 7}},
+		{"same settings rewritten", &qubesdb.Uplink{IP: "10.137.0.5", Gateway: "10.137.0.1"}, [4]byte{10, 137, 0, 5}},
+		{"no word from QubesDB", nil, [4]byte{10, 137, 0, 5}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := dispatch.New(dispatch.Config{Logf: t.Logf})
+			ls := &links{present: true}
+			wait := time.Hour
+			if tc.confirm == nil {
+				wait = 20 * time.Millisecond
+			}
+			c := New(Config{Dispatcher: d, UplinkName: "eth0", OpenLink: ls.open, ConfirmWait: wait, Logf: t.Logf})
+			c.Handle(qubesdb.Event{Kind: qubesdb.EventUplink, Uplink: qubesdb.Uplink{IP: "10.137.0.5", Gateway: "10.137.0.1"}})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { c.Run(ctx, time.Millisecond); close(done) }()
+			defer func() { cancel(); <-done }()
+			// The netvm goes away: its end of the link closes.
+			ls.mu.Lock()
+			old := ls.peers[0]
+			ls.mu.Unlock()
+			old.Close()
+			waitFor := func(what string, cond func() bool) {
+				t.Helper()
+				deadline := time.After(30 * time.Second) // a guard against hangs only
+				for !cond() {
+					select {
+					case <-deadline:
+						t.Fatalf("gave up waiting for %s", what)
+					case <-time.After(time.Millisecond):
+					}
+				}
+			}
+			waitFor("the uplink reopened", func() bool { ls.mu.Lock(); defer ls.mu.Unlock(); return ls.opened == 2 })
+			ls.mu.Lock()
+			peer := ls.peers[1]
+			ls.mu.Unlock()
+			if tc.confirm != nil {
+				// Held: a few ticks pass and nothing is announced.
+				time.Sleep(20 * time.Millisecond)
+				if got := arpSender(peer.TryRead()); len(got) != 0 {
+					t.Fatalf("the reopened uplink sent ARP from %v before QubesDB confirmed", got)
+				}
+				c.Handle(qubesdb.Event{Kind: qubesdb.EventUplink, Uplink: *tc.confirm})
+			}
+			// A new address reopens the link once more (see
+			// TestSnapshotRulesAndUplink): read every link's netvm end.
+			var seen [][4]byte
+			waitFor("the uplink configured", func() bool {
+				ls.mu.Lock()
+				defer ls.mu.Unlock()
+				for _, p := range ls.peers[1:] {
+					seen = append(seen, arpSender(p.TryRead())...)
+				}
+				return len(seen) > 0
+			})
+			for _, ip := range seen {
+				if ip != tc.want {
+					t.Fatalf("ARP from %v, want only %v", ip, tc.want)
+				}
+			}
+		})
+	}
+}
