@@ -315,6 +315,9 @@ func (l *Link) initTx() {
 }
 
 func (l *Link) Name() string { return l.name }
+
+// Closed reports whether Close was called.
+func (l *Link) Closed() bool { return l.closed.Load() }
 func (l *Link) MAC() [6]byte { return l.mac }
 func (l *Link) MTU() int     { return l.mtu }
 

@@ -103,6 +103,8 @@ type Port struct {
 	mac  [6]byte
 	mtu  int
 
+	clients []*client // the clients behind this port (under d.mu)
+
 	// Used only by the goroutine that calls Input, or under d.mu.
 	parsed   header.Parsed
 	frag     *frag.Reassembler
@@ -229,11 +231,13 @@ func (d *Dispatcher) AddClient(ip [4]byte, mac [6]byte, p *Port) error {
 		c.mac = mac
 		return nil
 	}
-	d.clients[ip] = &client{
+	c := &client{
 		ip: ip, mac: mac, port: p,
 		rejects: tokenBucket{perSec: d.cfg.RejectsPerSecond, burst: d.cfg.RejectBurst},
 		echoes:  tokenBucket{perSec: d.cfg.EchoRepliesPerSecond, burst: d.cfg.EchoReplyBurst},
 	}
+	d.clients[ip] = c
+	p.clients = append(p.clients, c)
 	return nil
 }
 
@@ -256,6 +260,7 @@ func (d *Dispatcher) removeClientLocked(ip [4]byte) {
 	}
 	d.stats.Clients[ip] = prev
 	delete(d.clients, ip)
+	c.port.clients = slices.DeleteFunc(c.port.clients, func(x *client) bool { return x == c })
 	d.nat.FlushClient(ip)
 }
 

@@ -197,10 +197,14 @@ func run(o options, logf func(string, ...any)) error {
 	return nil
 }
 
-// linkSet remembers the AF_PACKET links opened, for their counters.
+// linkSet remembers the open AF_PACKET links, for their counters. A closed
+// link (an uplink replaced after a netvm change) is forgotten at the next
+// describe, its counters kept in gone: each holds about 1 MiB of receive
+// slots.
 type linkSet struct {
 	mu    sync.Mutex
 	links []*afpacket.Link
+	gone  struct{ n, in, out, drops uint64 }
 }
 
 func (s *linkSet) add(l *afpacket.Link) {
@@ -214,10 +218,22 @@ func (s *linkSet) describe() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var b strings.Builder
+	open := s.links[:0]
 	for _, l := range s.links {
 		st := l.Stats()
-		drops := st.Truncated + st.RxErrors + st.QueueFull + st.Runts + st.TxRefused + st.TxLinkDown + st.TxNoBuffer + st.TxBusy
+		drops := st.Truncated + st.RxErrors + st.QueueFull + st.Runts + st.VLAN + st.TxRefused + st.TxLinkDown + st.TxNoBuffer + st.TxBusy
+		if l.Closed() {
+			s.gone.n++
+			s.gone.in, s.gone.out, s.gone.drops = s.gone.in+st.FramesIn, s.gone.out+st.FramesOut, s.gone.drops+drops
+			continue
+		}
+		open = append(open, l)
 		fmt.Fprintf(&b, "%s in %d out %d dropped %d (queue-full %d); ", l.Name(), st.FramesIn, st.FramesOut, drops, st.QueueFull)
+	}
+	clear(s.links[len(open):])
+	s.links = open
+	if s.gone.n > 0 {
+		fmt.Fprintf(&b, "%d closed links in %d out %d dropped %d; ", s.gone.n, s.gone.in, s.gone.out, s.gone.drops)
 	}
 	return strings.TrimSuffix(b.String(), "; ")
 }
