@@ -256,13 +256,33 @@ func TestFirewallEndToEnd(t *testing.T) {
 		if err := netnstest.TCPEcho(e.cl1, thirdIP+":7"); !netnstest.Rejected(err) {
 			t.Fatalf("unlisted address: %v, want a reject", err)
 		}
-		// allowed.test moves to thirdIP; the firewall follows after the TTL.
+		// A connection open while the name still has its first address.
+		live, err := e.cl1.Dial("tcp4", serverIP+":7", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer live.Close()
+		if err := netnstest.EchoOnce(live, "before the move"); err != nil {
+			t.Fatal(err)
+		}
+		// allowed.test moves to thirdIP (a CDN answering with another
+		// address); the firewall follows after the TTL.
 		if err := os.WriteFile(e.hosts1, []byte(fmt.Sprintf("%s allowed.test\n%s blocked.test\n", thirdIP, otherIP)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		e.dnsmasq1.Cmd.Process.Signal(unix.SIGHUP)
 		netnstest.WaitFor(t, "allowed.test to move", waitLimit, func() bool { return netnstest.TCPEcho(e.cl1, thirdIP+":7") == nil })
 		netnstest.WaitFor(t, "old address to be denied", waitLimit, func() bool { return netnstest.Rejected(netnstest.TCPEcho(e.cl1, serverIP+":7")) })
+		// New connections to the old address are refused, the one that
+		// was open stays up (it was cut on every refresh before).
+		if err := netnstest.EchoOnce(live, "after the move"); err != nil {
+			t.Fatalf("the established connection after the name moved: %v", err)
+		}
+		// A rule change that keeps the dsthost rule keeps it too.
+		e.setRules(client1IP, "action=drop dsthost=blocked.test", "action=accept dsthost=allowed.test", "action=accept specialtarget=dns", "action=accept proto=icmp")
+		if err := netnstest.EchoOnce(live, "after a rule change"); err != nil {
+			t.Fatalf("the established connection after an unrelated rule change: %v", err)
+		}
 		os.WriteFile(e.hosts1, []byte(fmt.Sprintf("%s allowed.test\n%s blocked.test\n", serverIP, otherIP)), 0o644)
 		e.dnsmasq1.Cmd.Process.Signal(unix.SIGHUP)
 	})
