@@ -246,6 +246,11 @@ func TestFirewallEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("ICMP errors only to the remote of the flow they quote", func(t *testing.T) {
+		e.t = t
+		icmpErrorsOnlyToTheFlowsRemote(t, e)
+	})
+
 	t.Run("dsthost accept and drop, followed after a change", func(t *testing.T) {
 		e.t = t
 		e.setRules(client1IP, "action=drop dsthost=blocked.test", "action=accept dsthost=allowed.test", "action=accept specialtarget=dns")
