@@ -16,6 +16,12 @@ type ICMPv4 []byte
 // ICMPv4MinLen is the length of the fixed part of every ICMP message.
 const ICMPv4MinLen = 8
 
+// Offsets in an ICMP message.
+const (
+	ICMPv4ChecksumOffset = 2
+	ICMPv4IdentOffset    = 4 // queries
+)
+
 // ICMP types.
 const (
 	ICMPEchoReply      uint8 = 0

@@ -30,6 +30,14 @@ const (
 	ipv4FlagDF = 0x4000
 )
 
+// Offsets of the fields NAT edits in place, for code that rewrites a
+// header with incremental checksum updates (nat's ICMP error quotes).
+const (
+	IPv4ChecksumOffset = 10
+	IPv4SrcOffset      = 12
+	IPv4DstOffset      = 16
+)
+
 // IP protocol numbers.
 const (
 	ProtoICMP uint8 = 1

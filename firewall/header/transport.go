@@ -32,6 +32,13 @@ const (
 // TCPChecksumOffset is where the checksum sits in a TCP header.
 const TCPChecksumOffset = 16
 
+// SrcPortOffset and DstPortOffset are where the ports sit in TCP and UDP
+// headers alike.
+const (
+	SrcPortOffset = 0
+	DstPortOffset = 2
+)
+
 func (t TCP) SrcPort() uint16      { return binary.BigEndian.Uint16(t[0:]) }
 func (t TCP) DstPort() uint16      { return binary.BigEndian.Uint16(t[2:]) }
 func (t TCP) Seq() uint32          { return binary.BigEndian.Uint32(t[4:]) }

@@ -49,40 +49,42 @@ func icmpError(frame []byte, p *header.Parsed) ([]byte, bool) {
 // whose lengths agree, not a non-first fragment, and at least 8 bytes of
 // a TCP or UDP header or of an ICMP query (never an error about an error).
 func parseQuote(m []byte) (q quote, ok bool) {
-	ip := m[quotedIP:]
+	ip := header.IPv4(m[quotedIP:])
 	if len(ip) < header.IPv4MinLen || ip[0]>>4 != 4 {
 		return q, false
 	}
-	hl := int(ip[0]&0xf) * 4
-	tl := int(binary.BigEndian.Uint16(ip[2:]))
-	if hl < header.IPv4MinLen || tl < hl+8 || len(ip) < hl+8 || header.IPv4(ip).FragOffset() != 0 {
+	hl, tl := ip.HeaderLen(), int(ip.TotalLen())
+	if hl < header.IPv4MinLen || tl < hl+8 || len(ip) < hl+8 || ip.FragOffset() != 0 {
 		return q, false
 	}
 	// Bytes after the original datagram's end (RFC 4884 extensions,
 	// padding) are not part of the quote.
 	l4 := ip[hl:min(len(ip), tl)]
 	q.l4, q.l4Len = quotedIP+hl, len(l4)
-	q.key = Tuple{Proto: ip[9], Src: header.IPv4(ip).Src(), Dst: header.IPv4(ip).Dst()}
+	q.key = Tuple{Proto: ip.Protocol(), Src: ip.Src(), Dst: ip.Dst()}
 	switch q.key.Proto {
 	case header.ProtoTCP:
-		if len(l4) > 12 && int(l4[12]>>4)*4 < header.TCPMinLen {
+		// Only the first 8 bytes are sure to be quoted; check the data
+		// offset when it is there.
+		if t := header.TCP(l4); len(t) > 12 && t.DataOffset() < header.TCPMinLen {
 			return q, false
 		}
+		q.key.SrcPort, q.key.DstPort = header.TCP(l4).SrcPort(), header.TCP(l4).DstPort()
 	case header.ProtoUDP:
-		if binary.BigEndian.Uint16(l4[4:]) < header.UDPLen {
+		u := header.UDP(l4)
+		if u.Length() < header.UDPLen {
 			return q, false
 		}
+		q.key.SrcPort, q.key.DstPort = u.SrcPort(), u.DstPort()
 	case header.ProtoICMP:
-		q.icmp = l4[0]
+		q.icmp = header.ICMPv4(l4).Type()
 		if !header.ICMPIsQuery(q.icmp) {
 			return q, false
 		}
 		q.key.SrcPort = header.ICMPv4(l4).Ident()
-		return q, true
 	default:
 		return q, false
 	}
-	q.key.SrcPort, q.key.DstPort = binary.BigEndian.Uint16(l4[0:]), binary.BigEndian.Uint16(l4[2:])
 	return q, true
 }
 
@@ -105,7 +107,7 @@ func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) 
 	if e == nil {
 		return nil
 	}
-	rewriteQuote(m, q, 12, 0, e.ct.Src, e.ct.SrcPort)
+	rewriteQuote(m, q, header.IPv4SrcOffset, header.SrcPortOffset, e.ct.Src, e.ct.SrcPort)
 	header.IPv4(frame[p.IPOff:]).SetDst(e.ct.Src)
 	p.Dst = e.ct.Src
 	return e
@@ -144,23 +146,23 @@ func (t *Table) TranslateICMPErrorOut(frame []byte, p *header.Parsed, now int64)
 	if e == nil {
 		return nil
 	}
-	rewriteQuote(m, q, 16, 2, e.uplink, e.natPort)
+	rewriteQuote(m, q, header.IPv4DstOffset, header.DstPortOffset, e.uplink, e.natPort)
 	header.IPv4(frame[p.IPOff:]).SetSrc(e.uplink)
 	p.Src = e.uplink
 	return e
 }
 
 // rewriteQuote sets the quoted address at offset addrOff of the quoted IP
-// header (12 source, 16 destination) and the quoted port at portOff of the
-// transport header (0 source, 2 destination; ICMP queries: the
-// identifier), updating the quoted checksums and the ICMP checksum of m.
+// header (header.IPv4SrcOffset or IPv4DstOffset) and the quoted port at
+// portOff of the transport header (header.SrcPortOffset or DstPortOffset;
+// ICMP queries: the identifier, whichever portOff), updating the quoted checksums and the ICMP checksum of m.
 func rewriteQuote(m []byte, q quote, addrOff, portOff int, addr [4]byte, port uint16) {
-	w := wordEditor{m: m, sum: binary.BigEndian.Uint16(m[2:])}
+	w := wordEditor{m: m, sum: header.ICMPv4(m).Checksum()}
 	ipOff := quotedIP
 	old := [4]byte(m[ipOff+addrOff:])
 	w.put(ipOff+addrOff, binary.BigEndian.Uint16(addr[0:]))
 	w.put(ipOff+addrOff+2, binary.BigEndian.Uint16(addr[2:]))
-	w.put(ipOff+10, header.Update32(w.get(ipOff+10), old, addr))
+	w.put(ipOff+header.IPv4ChecksumOffset, header.Update32(w.get(ipOff+header.IPv4ChecksumOffset), old, addr))
 	switch q.key.Proto {
 	case header.ProtoTCP, header.ProtoUDP:
 		oldPort := w.get(q.l4 + portOff)
@@ -182,11 +184,12 @@ func rewriteQuote(m []byte, q quote, addrOff, portOff int, addr [4]byte, port ui
 		}
 		w.put(cs, c)
 	case header.ProtoICMP:
-		oldID := w.get(q.l4 + 4)
-		w.put(q.l4+4, port)
-		w.put(q.l4+2, header.Update16(w.get(q.l4+2), oldID, port))
+		oldID := w.get(q.l4 + header.ICMPv4IdentOffset)
+		w.put(q.l4+header.ICMPv4IdentOffset, port)
+		cs := q.l4 + header.ICMPv4ChecksumOffset
+		w.put(cs, header.Update16(w.get(cs), oldID, port))
 	}
-	binary.BigEndian.PutUint16(m[2:], w.sum)
+	header.ICMPv4(m).SetChecksum(w.sum)
 }
 
 // wordEditor changes 16-bit words of an ICMP message, keeping its
