@@ -8,6 +8,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
 )
 
@@ -48,13 +49,17 @@ type testNet struct {
 	cPeer  [2]*linktest.Pipe
 }
 
-func newTestNet(t testing.TB) *testNet { return newTestNetMTU(t, 1500) }
+func newTestNet(t testing.TB) *testNet { return newTestNetWith(t, 1500, 0) }
 
 // newTestNetMTU is newTestNet with an uplink of the given MTU (the client
 // links keep 1500).
-func newTestNetMTU(t testing.TB, upMTU int) *testNet {
+func newTestNetMTU(t testing.TB, upMTU int) *testNet { return newTestNetWith(t, upMTU, 0) }
+
+// newTestNetWith also sets the NAT table's size (0: the default); fuzz
+// targets use a small one, which is much cheaper to create.
+func newTestNetWith(t testing.TB, upMTU, natSize int) *testNet {
 	n := &testNet{t: t, now: 1e9}
-	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }})
+	n.d = New(Config{Logf: t.Logf, Clock: func() int64 { return n.now }, NAT: nat.Config{MaxEntries: natSize}})
 	upA, upB := linktest.NewPipe("eth0", upMAC, "netvm", gwMAC, upMTU)
 	n.up, n.upPeer = n.d.Attach(upA), upB
 	for i, ip := range [][4]byte{client1, client2} {

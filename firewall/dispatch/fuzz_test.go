@@ -30,7 +30,7 @@ func FuzzDispatcher(f *testing.F) {
 	f.Add(uint8(0), pkt{srcMAC: c1MAC, dstMAC: vifMAC, src: client1, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 9, payload: []byte("ping")}.bytes())
 	f.Add(uint8(2), pkt{srcMAC: gwMAC, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoICMP, sport: uint16(header.ICMPEcho), dport: 9, payload: []byte("ping")}.bytes())
 	f.Fuzz(func(t *testing.T, which uint8, frame []byte) {
-		n := newTestNet(t)
+		n := newTestNetWith(t, 1500, 64)
 		n.d.logf = func(string, ...any) {}
 		n.d.log.logf = n.d.logf
 		n.d.SetRules(client2, mustRules(map[string]string{"policy": "drop", "0000": "action=accept proto=udp", "0001": "action=drop dsthost=example.com"}))
@@ -99,16 +99,18 @@ func FuzzDispatcher(f *testing.F) {
 // answerable is the fuzz target's model of the frames that get an echo
 // reply, written from the rules (not from the code, and reading raw
 // bytes, not package header): a whole, checksummed IPv4 ICMP echo request
-// of at most 1500 bytes to our address; from a client (port 0 or 1) with
-// that client's source, from the uplink (port 2) with a source that is
-// neither a client's nor ours nor a martian, sent by a unicast MAC.
+// without IP options of at most 1500 bytes to our address; from a client
+// (port 0 or 1) with that client's source address and MAC, from the uplink
+// (port 2) with a source that is neither a client's nor ours nor a martian,
+// sent by a unicast MAC.
 func answerable(frame []byte, port int) bool {
 	if len(frame) < 14+20 || frame[12] != 0x08 || frame[13] != 0x00 {
 		return false
 	}
 	ip := frame[14:]
 	ihl, total := int(ip[0]&0x0f)*4, int(ip[2])<<8|int(ip[3])
-	if ip[0]>>4 != 4 || ihl < 20 || total < ihl+8 || total > len(ip) || total > 1500 {
+	// IP options are dropped whatever the packet.
+	if ip[0]>>4 != 4 || ihl != 20 || total < ihl+8 || total > len(ip) || total > 1500 {
 		return false
 	}
 	if (int(ip[6])<<8|int(ip[7]))&0x3fff != 0 { // MF or an offset: a fragment
@@ -119,13 +121,13 @@ func answerable(frame []byte, port int) bool {
 	if ip[9] != 1 || dst != fwIP || icmp[0] != 8 || icmp[1] != 0 || rfc1071(ip[:ihl]) != 0 || rfc1071(icmp) != 0 {
 		return false
 	}
-	switch port {
-	case 0:
-		return src == client1
-	case 1:
-		return src == client2
-	}
 	mac := [6]byte(frame[6:12])
+	switch port {
+	case 0: // from the client's own address and MAC
+		return src == client1 && mac == c1MAC
+	case 1:
+		return src == client2 && mac == c2MAC
+	}
 	martian := src[0] == 0 || src[0] == 127 || src[0] >= 224
 	return src != client1 && src != client2 && src != fwIP && !martian && mac[0]&1 == 0 && mac != [6]byte{}
 }
