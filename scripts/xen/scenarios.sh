@@ -178,10 +178,25 @@ launch() {
 	ln_try=0
 	while :; do
 		ln_try=$((ln_try + 1))
+		ln_from=$(($(wc -l < "$CON/guest-$2.log" 2>/dev/null || echo 0) + 1))
 		create "$2" || return 1
 		booted "$2" "guest: "; rc=$?
-		if [ $rc != 2 ] || [ $ln_try -ge 3 ]; then return $rc; fi
-		flake "$1" "$2"
+		# The guest kernel's netfront sometimes finds its backend path
+		# unreadable at probe time under TCG ("unable to read other
+		# end"): the VM then has no NIC, whoever the backend is. Like
+		# the triple fault, a platform flake: start it again.
+		if [ $rc = 0 ] && tail -n +"$ln_from" "$CON/guest-$2.log" | grep -q "unable to read other end"; then
+			rc=3
+		fi
+		if [ $rc -lt 2 ] || [ $ln_try -ge 3 ]; then
+			[ $rc = 3 ] && rc=0 # the checks that follow report it
+			return $rc
+		fi
+		if [ $rc = 3 ]; then
+			result "$1" INFO "platform flake" "$2's netfront could not read its backend at probe: started again" >&3
+		else
+			flake "$1" "$2"
+		fi
 		xl destroy "$2" >/dev/null 2>&1
 	done
 }
