@@ -77,26 +77,11 @@ func TestXenBench(t *testing.T) {
 	e.guard = time.Duration(10+4*nsizes+runs*(2+secs/2)) * time.Minute
 
 	began := time.Now()
-	run := filepath.Join(e.logs, "bench-"+began.UTC().Format("20060102-150405"))
-	if err := os.MkdirAll(run, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("logs in %s", run)
-	probe := filepath.Join(run, "probe")
-	build := exec.Command("go", "build", "-trimpath", "-o", probe, "./probe")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build probe: %v\n%s", err, out)
-	}
 	script, err := filepath.Abs("../../scripts/xen/bench.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
-	pack := exec.Command("../../scripts/xen/pack.sh", e.dist, probe, run)
-	pack.Env = append(os.Environ(), "QGFW_XEN_CACHE="+e.cache, "QGFW_XEN_BENCH=1", "QGFW_XEN_SCENARIOS="+script)
-	if out, err := pack.CombinedOutput(); err != nil {
-		t.Fatalf("pack: %v\n%s", err, out)
-	}
+	run := prepareRun(t, e, "bench-"+began.UTC().Format("20060102-150405"), "QGFW_XEN_BENCH=1", "QGFW_XEN_SCENARIOS="+script)
 	load := loadavg()
 	serial := filepath.Join(run, "serial.log")
 	spec := fmt.Sprintf("%s:%d:%d:%s", sizes, secs, runs, udp)

@@ -114,23 +114,7 @@ func envInt(t *testing.T, k string, def int) int {
 // TestXen runs every scenario QGFW_XEN_ROUNDS times in one boot of Xen.
 func TestXen(t *testing.T) {
 	e := needXen(t)
-	run := filepath.Join(e.logs, time.Now().UTC().Format("20060102-150405"))
-	if err := os.MkdirAll(run, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("logs in %s", run)
-
-	probe := filepath.Join(run, "probe")
-	build := exec.Command("go", "build", "-trimpath", "-o", probe, "./probe")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build probe: %v\n%s", err, out)
-	}
-	pack := exec.Command("../../scripts/xen/pack.sh", e.dist, probe, run)
-	pack.Env = append(os.Environ(), "QGFW_XEN_CACHE="+e.cache)
-	if out, err := pack.CombinedOutput(); err != nil {
-		t.Fatalf("pack: %v\n%s", err, out)
-	}
+	run := prepareRun(t, e, time.Now().UTC().Format("20060102-150405"))
 
 	serial := filepath.Join(run, "serial.log")
 	res, err := boot(e, filepath.Join(run, "dom0.cpio"), fmt.Sprintf("%d:%d", e.rounds, e.mem), serial, run)
@@ -161,6 +145,30 @@ func TestXen(t *testing.T) {
 	if !res.done {
 		t.Errorf("dom0 did not finish the scenarios (serial log %s)", serial)
 	}
+}
+
+// prepareRun makes the run's log directory <logs>/name, builds the probe
+// agent into it and packs dom0's initramfs there (dom0.cpio) with pack.sh,
+// given extra environment (the bench's), and returns the directory.
+func prepareRun(t *testing.T, e xenEnv, name string, env ...string) string {
+	t.Helper()
+	run := filepath.Join(e.logs, name)
+	if err := os.MkdirAll(run, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("logs in %s", run)
+	probe := filepath.Join(run, "probe")
+	build := exec.Command("go", "build", "-trimpath", "-o", probe, "./probe")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build probe: %v\n%s", err, out)
+	}
+	pack := exec.Command("../../scripts/xen/pack.sh", e.dist, probe, run)
+	pack.Env = append(append(os.Environ(), "QGFW_XEN_CACHE="+e.cache), env...)
+	if out, err := pack.CombinedOutput(); err != nil {
+		t.Fatalf("pack: %v\n%s", err, out)
+	}
+	return run
 }
 
 type key struct {
