@@ -30,6 +30,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -145,6 +146,41 @@ func TestXen(t *testing.T) {
 	if !res.done {
 		t.Errorf("dom0 did not finish the scenarios (serial log %s)", serial)
 	}
+	if len(res.failed) > 0 {
+		digest(t, run, res.failed)
+	}
+}
+
+// digest ends a failed run's output with what a reader needs first, since
+// CI may keep only the end of it: the last lines of each guest console of
+// the rounds that failed, then every FAIL line with its detail.
+func digest(t *testing.T, run string, failed []string) {
+	t.Helper()
+	var rounds []string
+	for _, l := range failed {
+		if m := resultRE.FindStringSubmatch(l); m != nil && !slices.Contains(rounds, m[1]) {
+			rounds = append(rounds, m[1])
+		}
+	}
+	for _, r := range rounds {
+		logs, _ := filepath.Glob(filepath.Join(run, "r"+r+"-*.log"))
+		for _, name := range logs {
+			b, err := os.ReadFile(name)
+			if err != nil {
+				continue
+			}
+			lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+			if len(lines) > 6 {
+				lines = lines[len(lines)-6:]
+			}
+			for _, l := range lines {
+				t.Logf("tail %s: %s", filepath.Base(name), l)
+			}
+		}
+	}
+	for _, l := range failed {
+		t.Log(l)
+	}
 }
 
 // prepareRun makes the run's log directory <logs>/name, builds the probe
@@ -179,6 +215,7 @@ type key struct {
 type results struct {
 	lines      []string
 	pass, fail map[key]int
+	failed     []string          // the FAIL lines, in order
 	crashes    map[string]string // console name -> first crash line
 	done       bool
 }
@@ -280,6 +317,7 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 				res.pass[key{r, m[2]}]++
 			case "FAIL":
 				res.fail[key{r, m[2]}]++
+				res.failed = append(res.failed, q)
 			}
 		}
 	}
