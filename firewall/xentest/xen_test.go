@@ -147,15 +147,17 @@ func TestXen(t *testing.T) {
 		t.Errorf("dom0 did not finish the scenarios (serial log %s)", serial)
 	}
 	if len(res.failed) > 0 {
-		digest(t, run, res.failed)
+		digest(t, run, res)
 	}
 }
 
 // digest ends a failed run's output with what a reader needs first, since
 // CI may keep only the end of it: the last lines of each guest console of
-// the rounds that failed, then every FAIL line with its detail.
-func digest(t *testing.T, run string, failed []string) {
+// the rounds that failed, dom0's diagnosis, then every FAIL line with its
+// detail.
+func digest(t *testing.T, run string, res results) {
 	t.Helper()
+	failed := res.failed
 	var rounds []string
 	for _, l := range failed {
 		if m := resultRE.FindStringSubmatch(l); m != nil && !slices.Contains(rounds, m[1]) {
@@ -170,13 +172,16 @@ func digest(t *testing.T, run string, failed []string) {
 				continue
 			}
 			lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-			if len(lines) > 6 {
-				lines = lines[len(lines)-6:]
+			if len(lines) > 12 {
+				lines = lines[len(lines)-12:]
 			}
 			for _, l := range lines {
 				t.Logf("tail %s: %s", filepath.Base(name), l)
 			}
 		}
+	}
+	for _, l := range res.diag {
+		t.Log(l)
 	}
 	for _, l := range failed {
 		t.Log(l)
@@ -216,6 +221,7 @@ type results struct {
 	lines      []string
 	pass, fail map[key]int
 	failed     []string          // the FAIL lines, in order
+	diag       []string          // what dom0 printed about the failures
 	crashes    map[string]string // console name -> first crash line
 	done       bool
 }
@@ -310,6 +316,9 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 			res.done = true
 		}
 		res.lines = append(res.lines, q)
+		if strings.HasPrefix(q, "QGFW-XEN diag ") {
+			res.diag = append(res.diag, q)
+		}
 		if m := resultRE.FindStringSubmatch(q); m != nil {
 			r, _ := strconv.Atoi(m[1])
 			switch m[3] {

@@ -77,7 +77,7 @@ CRASH='fatal error|^panic:|SIGSEGV|Attempted to kill init|unexpected fault addre
 check() { # SCENARIO WHAT CMD... : PASS if CMD succeeds
 	s=$1 w=$2; shift 2
 	if out=$("$@" 2>&1); then result "$s" PASS "$w" "$(echo "$out" | tail -1 | cut -c1-160)"
-	else result "$s" FAIL "$w" "$(echo "$out" | tail -3 | tr '\n' '|' | cut -c1-300)"; fi
+	else result "$s" FAIL "$w" "$(echo "$out" | tail -3 | tr '\n' '|' | cut -c1-300)"; diag "$s"; fi
 	# A crashed firewall fails everything after it: stop the round there
 	# (its console has the reason) instead of waiting out every check.
 	if grep -Eq "$CRASH" $CON/guest-fw*.log 2>/dev/null; then
@@ -85,6 +85,26 @@ check() { # SCENARIO WHAT CMD... : PASS if CMD succeeds
 		result "$s" FAIL "firewall crashed" "$(grep -Eh -m1 "$CRASH" $CON/guest-fw*.log | cut -c1-200)"
 		exit 1
 	fi
+}
+# diag SCENARIO: on a scenario's first failed check, what a reader needs to
+# tell a firewall bug from a guest or platform fault: each client's view
+# (neighbours, interface counters, routes, sockets), the backends' xenstore
+# state, Xen's last messages. Printed as "QGFW-XEN diag" lines.
+diag() {
+	[ -e "/tmp/diag-$R-$1" ] && return
+	: > "/tmp/diag-$R-$1"
+	{
+		xl list | tail -n +2 | awk '{ print "xl", $1, $2, $5 }'
+		for g in c1 c2 c3 nv; do
+			xl domid "$g" >/dev/null 2>&1 || continue
+			# To the guest's console, which follow copies to ours.
+			agent "$g" sh "(echo diag; ip neigh; ip -s link show eth0; ip route; grep -A1 '^Tcp:' /proc/net/snmp) > /dev/console 2>&1" | sed "s/^/$g: /"
+		done
+		for b in $(xenstore-list /local/domain/"$(xl domid fw 2>/dev/null)"/backend/vif 2>/dev/null); do
+			echo "backend vif/$b: state $(xenstore-read /local/domain/"$(xl domid fw)"/backend/vif/"$b"/0/state 2>&1) hotplug $(xenstore-read /local/domain/"$(xl domid fw)"/backend/vif/"$b"/0/hotplug-status 2>&1)"
+		done
+		xl dmesg | tail -5
+	} 2>&1 | cut -c1-200 | sed "s/^/QGFW-XEN diag $R $1 /" >&3
 }
 # waitfor SECONDS CMD...: retry CMD once a second until it succeeds.
 waitfor() {
@@ -316,7 +336,7 @@ round() {
 	R=$1
 	cleanup
 	say "round $R: firewall, memory $MEM MiB"
-	rm -f $CON/guest-*.log /tmp/agent-*.n
+	rm -f $CON/guest-*.log /tmp/agent-*.n /tmp/diag-*
 	: > /tmp/serve.log
 	for g in fw c1 c2 fw2 nv c3; do follow $g; done
 
