@@ -12,7 +12,10 @@
 // (default 16 x 65559 bytes, about 1 MiB), plus what the kernel queues on
 // the socket (SocketBuffer, default the kernel's rmem_default/wmem_default).
 // A VM with an uplink and four clients therefore spends about 5 MiB on
-// receive buffers with the defaults.
+// receive buffers with the defaults, and one with thirty clients more than
+// 30 MiB: in a Qubes firewall VM the links share a Budget instead, which
+// gives each a part of a fixed total and shrinks the parts as links are
+// added.
 //
 // The kernel's default receive queue (rmem_default, typically 212992
 // bytes, counted by skb truesize) holds only a few super-frames, so a TCP
@@ -76,6 +79,14 @@ type Config struct {
 	// only its own frames, not delay the reader that serves every other
 	// link.
 	WriteTimeout time.Duration
+	// Budget, when set, shares memory among the links that name it: it
+	// sets this link's receive slots (up to BatchSize) and, unless
+	// SocketBuffer is set, its socket queues, and changes both as links
+	// open and close. Weight is the link's part of it relative to the
+	// others (default 1; an uplink, which carries every client's
+	// traffic, deserves more).
+	Budget *Budget
+	Weight int
 	// Logf receives rare events (errors that cost frames, with
 	// exponential back-off). Default: discard.
 	Logf func(format string, args ...any)
@@ -115,8 +126,10 @@ type Link struct {
 	rc      syscall.RawConn
 	closed  atomic.Bool
 
-	rx rxState
-	tx txState
+	rx     rxState
+	rxWant atomic.Int32 // receive slots the budget gives; the reader resizes
+	rxHave atomic.Int32 // receive slots the reader has
+	tx     txState
 
 	// Counters. The reader updates the receive ones once per batch.
 	framesIn, bytesIn, framesOut, bytesOut atomic.Uint64
@@ -182,6 +195,9 @@ func Open(ifname string, cfg Config) (*Link, error) {
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
 	}
+	if cfg.Weight <= 0 {
+		cfg.Weight = 1
+	}
 	// Protocol 0 until bind: a socket created with ETH_P_ALL would queue
 	// frames of every interface in the meantime.
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
@@ -198,7 +214,12 @@ func Open(ifname string, cfg Config) (*Link, error) {
 		l.file.Close()
 		return nil, fmt.Errorf("open %s: %w", ifname, err)
 	}
-	l.initRx()
+	l.rx.slot = vnetHdrLen + cfg.FrameSize
+	l.rxWant.Store(int32(cfg.BatchSize))
+	if cfg.Budget != nil {
+		cfg.Budget.join(l)
+	}
+	l.initRx(int(l.rxWant.Load()))
 	l.initTx()
 	return l, nil
 }
@@ -262,10 +283,11 @@ func (l *Link) setup(fd int) error {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-func (l *Link) initRx() {
-	n, slot := l.cfg.BatchSize, vnetHdrLen+l.cfg.FrameSize
+// initRx (re)builds the receive state for n slots.
+func (l *Link) initRx(n int) {
 	r := &l.rx
-	r.slot = slot
+	slot := r.slot
+	l.rxHave.Store(int32(n))
 	r.buf = make([]byte, n*slot)
 	r.hdrs = make([]unix.Mmsghdr, n)
 	r.iovs = make([]unix.Iovec, n)
@@ -326,6 +348,9 @@ func (l *Link) MTU() int     { return l.mtu }
 func (l *Link) Close() error {
 	if l.closed.Swap(true) {
 		return nil
+	}
+	if l.cfg.Budget != nil {
+		l.cfg.Budget.leave(l)
 	}
 	if err := l.file.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", l.name, err)

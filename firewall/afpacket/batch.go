@@ -17,14 +17,17 @@ import (
 // point into the link's receive slots.
 func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 	r := &l.rx
-	n := min(len(frames), len(r.hdrs))
-	if n == 0 {
+	if len(frames) == 0 {
 		return 0, nil
 	}
 	for {
 		if l.closed.Load() {
 			return 0, link.ErrClosed
 		}
+		if w := int(l.rxWant.Load()); w != len(r.hdrs) {
+			l.initRx(w) // the budget changed this link's share
+		}
+		n := min(len(frames), len(r.hdrs))
 		for i := range n {
 			h := &r.hdrs[i]
 			h.Hdr.Namelen = unix.SizeofSockaddrLinklayer
@@ -34,6 +37,13 @@ func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 		}
 		r.vlen = n
 		if err := l.rc.Read(r.recv); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !l.closed.Load() {
+				// The budget's wake-up: resize at the top.
+				if err := l.file.SetReadDeadline(time.Time{}); err != nil {
+					return 0, l.closedErr("read", err)
+				}
+				continue
+			}
 			return 0, l.closedErr("read", err)
 		}
 		switch r.errno {

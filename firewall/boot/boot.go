@@ -210,19 +210,25 @@ func parseTransport(s, native string) (string, error) {
 // BSD reports whether the options select BSD netvm mode.
 func (o Options) BSD() bool { return o.IPv4.IsValid() }
 
-// SetMemoryLimit sets the Go runtime's soft memory limit to a share of the
-// VM's memory, so the garbage collector works harder instead of the kernel
-// killing PID 1 (which takes the VM down), and returns the limit.
-func SetMemoryLimit() (int64, error) {
+// MemTotal is the memory the kernel manages (sysinfo totalram): in a VM,
+// its size less what the kernel itself took at boot.
+func MemTotal() (int64, error) {
 	var si unix.Sysinfo_t
 	if err := unix.Sysinfo(&si); err != nil {
 		return 0, fmt.Errorf("sysinfo: %w", err)
 	}
-	total := int64(si.Totalram) * int64(si.Unit)
-	// The kernel, socket buffers and page cache need the rest.
+	return int64(si.Totalram) * int64(si.Unit), nil
+}
+
+// SetMemoryLimit sets the Go runtime's soft memory limit to a share of
+// total, the VM's memory (MemTotal), so the garbage collector works harder
+// instead of the kernel killing PID 1 (which takes the VM down), and
+// returns the limit.
+func SetMemoryLimit(total int64) int64 {
+	// The kernel, socket buffers and the unpacked initramfs need the rest.
 	limit := total * 6 / 10
 	debug.SetMemoryLimit(limit)
-	return limit, nil
+	return limit
 }
 
 // ReapChildren collects exited children forever. PID 1 inherits every

@@ -119,9 +119,10 @@ type pending struct {
 	frame link.Frame
 }
 
-// arenaSize bounds the bytes of frames a port generates per batch (ARP
-// replies, ICMP rejects, reassembled datagrams, fragments).
-const arenaSize = 256 << 10
+// ArenaSize bounds the bytes of frames a port generates per batch (ARP
+// replies, ICMP rejects, reassembled datagrams, fragments): the memory a
+// port holds beyond its link's buffers, allocated at its first use.
+const ArenaSize = 256 << 10
 
 // New returns a Dispatcher with no links.
 func New(cfg Config) *Dispatcher {

@@ -58,7 +58,7 @@ func (p *Port) send(to *Port, f link.Frame) {
 // exhausted.
 func (p *Port) alloc(n int) []byte {
 	if p.arena == nil {
-		p.arena = make([]byte, 0, arenaSize)
+		p.arena = make([]byte, 0, ArenaSize)
 	}
 	if len(p.arena)+n > cap(p.arena) {
 		return nil
@@ -70,7 +70,7 @@ func (p *Port) alloc(n int) []byte {
 
 // room reports whether alloc(n) would succeed.
 func (p *Port) room(n int) bool {
-	return p.arena == nil && n <= arenaSize || p.arena != nil && len(p.arena)+n <= cap(p.arena)
+	return p.arena == nil && n <= ArenaSize || p.arena != nil && len(p.arena)+n <= cap(p.arena)
 }
 
 // drop counts a dropped frame against c (nil: not attributable).

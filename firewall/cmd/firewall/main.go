@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
@@ -130,7 +131,7 @@ func run(o options, logf func(string, ...any)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: natSize(o.natSize)}})
+	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: natSize(o.natSize, memTotal())}})
 	var wg sync.WaitGroup
 	var links []link.Link
 	defer func() {
@@ -253,16 +254,20 @@ func socketBuffer(n int) int {
 	return min(4<<20, int(si.Totalram)*int(si.Unit)/16)
 }
 
-// natSize picks the NAT table size: n if set, else about 1/8 of available
+// natSize picks the NAT table size: n if set, else about 1/8 of total
 // memory at ~256 bytes an entry, between 4096 and 65536.
-func natSize(n int) int {
+func natSize(n int, total int64) int {
 	if n > 0 {
 		return n
 	}
-	var si unix.Sysinfo_t
-	if err := unix.Sysinfo(&si); err != nil {
-		return 8192
+	return max(4096, min(int(total/8/256), 65536))
+}
+
+// memTotal is boot.MemTotal, or 256 MiB when the kernel does not say.
+func memTotal() int64 {
+	total, err := boot.MemTotal()
+	if err != nil {
+		return 256 << 20
 	}
-	avail := int(si.Totalram) * int(si.Unit) / 8 / 256
-	return max(4096, min(avail, 65536))
+	return total
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesvm"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/vchan"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
@@ -98,11 +99,8 @@ func runPID1() {
 	if err := boot.RenameInterfaces(opts.Rename); err != nil {
 		fatal(logf, err)
 	}
-	if limit, err := boot.SetMemoryLimit(); err != nil {
-		logf("memory limit: %v", err)
-	} else {
-		logf("memory limit %d MiB", limit>>20)
-	}
+	total := memTotal()
+	logf("memory limit %d MiB", boot.SetMemoryLimit(total)>>20)
 	ctx, cancel := context.WithCancel(context.Background())
 	var reboot atomic.Bool
 	go func() {
@@ -121,19 +119,18 @@ func runPID1() {
 		fatal(logf, err)
 	}
 	cfg := qubesvm.Config{
-		XS:             xs,
-		QubesDB:        qubesDBDialer(opts.QubesDB, xs),
-		OpenLink:       qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
-		OpenClientLink: qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0), WriteTimeout: -1}),
-		Uplink:         "eth0",
-		BSDIP:          opts.IPv4,
-		BSDGateway:     opts.Gateway,
-		BSDDNS:         opts.DNS,
-		NATTableSize:   natSize(opts.NATTableSize),
-		NATClientMax:   opts.NATClientMax,
-		StatsEvery:     time.Minute,
-		Logf:           logf,
+		XS:           xs,
+		QubesDB:      qubesDBDialer(opts.QubesDB, xs),
+		Uplink:       "eth0",
+		BSDIP:        opts.IPv4,
+		BSDGateway:   opts.Gateway,
+		BSDDNS:       opts.DNS,
+		NATTableSize: natSize(opts.NATTableSize, total),
+		NATClientMax: opts.NATClientMax,
+		StatsEvery:   time.Minute,
+		Logf:         logf,
 	}
+	qubesLinks(&cfg, total, logf)
 	if err := qubesvm.Run(ctx, cfg); err != nil {
 		fatal(logf, err)
 	}
@@ -203,12 +200,18 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 	bsdIP := fs.String("ipv4", "", "BSD netvm mode: our address (with -ipv4-gw)")
 	bsdGW := fs.String("ipv4-gw", "", "BSD netvm mode: the netvm's address")
 	natSz := fs.Int("nat-table-size", 0, "NAT table entries (0: sized from memory)")
+	memMiB := fs.Int("memory", 0, "size the Go memory limit, the NAT table and the links' buffers as in a VM whose kernel reports this many MiB (0: this machine's memory, and no memory limit); for tests of a VM size")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: firewall xen [flags]\n\nRuns the firewall as in a Qubes VM: clients from xenstore backend/vif, rules\nand uplink settings from QubesDB as dom0 pushes them. SIGTERM or SIGINT\nstops it (in the VM, PID 1 gets those from the kernel's shutdown handler).\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	total := memTotal()
+	if *memMiB > 0 {
+		total = int64(*memMiB) << 20
+		logf("as a VM of %d MiB: memory limit %d MiB", *memMiB, boot.SetMemoryLimit(total)>>20)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -227,9 +230,7 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 	}
 	cfg := qubesvm.Config{
 		XS: xs, QubesDB: dial, Uplink: *uplink,
-		OpenLink:       qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0)}),
-		OpenClientLink: qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, SocketBuffer: socketBuffer(0), WriteTimeout: -1}),
-		NATTableSize:   natSize(*natSz), StatsEvery: 5 * time.Second, Logf: logf,
+		NATTableSize: natSize(*natSz, total), StatsEvery: 5 * time.Second, Logf: logf,
 	}
 	for _, a := range []struct {
 		s   string
@@ -249,10 +250,35 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 		logf("firewall: -ipv4 and -ipv4-gw go together")
 		return 2
 	}
+	qubesLinks(&cfg, total, logf)
 	if err := qubesvm.Run(ctx, cfg); err != nil {
 		logf("firewall: %v", err)
 		return 1
 	}
 	logf("firewall: stopped")
 	return 0
+}
+
+// qubesLinks sets how Qubes mode opens links: every link shares one
+// afpacket.Budget sized from the VM's memory, so that adding client VMs
+// shrinks each link's buffers instead of exhausting the VM (32 MB must
+// carry 10 clients, 64 MB 30). Client links never wait for a full send
+// queue; the uplink, which carries every client's traffic, has the
+// largest part.
+func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) {
+	b := linkBudget(total, logf)
+	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4})
+	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
+}
+
+// linkBudget divides the VM's memory: a quarter for the links' receive
+// slots and the dispatcher's arenas (Go heap, under the runtime's limit of
+// 6/10), a quarter as the most their kernel socket queues may hold; the NAT
+// table takes an eighth (natSize) and the rest is the kernel's, the
+// unpacked initramfs's and the runtime's. TestClientsPerVMSize checks the
+// sizes Qubes users run (32 MB with 10 clients, 64 MB with 30).
+func linkBudget(total int64, logf func(string, ...any)) *afpacket.Budget {
+	slots, queues := int(total/4), int(total/4)
+	logf("link budget: %d KiB of receive slots and arenas, %d KiB of socket queues, shared by all links", slots>>10, queues>>10)
+	return afpacket.NewBudget(slots, queues, dispatch.ArenaSize)
 }

@@ -1,0 +1,138 @@
+package afpacket
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A Budget divides the memory a VM can give to links among the links open
+// at the moment, in proportion to their weights, so that the total stays
+// bounded however many client VMs attach. Without one, each link takes
+// Config.BatchSize slots and Config.SocketBuffer, and a VM of 32 MB runs
+// out of memory at about ten clients (the kernel cannot kill PID 1, so the
+// VM dies).
+//
+// A link's share sets two things, both again whenever a link opens or
+// closes:
+//   - its receive slots (Go heap, FrameSize+10 bytes each): between
+//     minBatch and Config.BatchSize of them. A reader blocked in ReadBatch
+//     is woken so that a smaller share is given back at once, not at its
+//     next frame;
+//   - its kernel socket queues (SO_RCVBUFFORCE and SO_SNDBUFFORCE, which
+//     the kernel doubles): between minSocketBuffer and maxSocketBuffer
+//     each. The send queue bounds what a client VM that stops draining its
+//     ring can hold of the firewall's memory.
+type Budget struct {
+	slots, queues, perLink int
+
+	mu    sync.Mutex
+	links map[*Link]Share
+}
+
+// Share is what a Budget gives one link.
+type Share struct {
+	Batch        int // receive slots
+	SocketBuffer int // the value set with SO_RCVBUFFORCE and SO_SNDBUFFORCE
+}
+
+const (
+	// minBatch: fewer slots than this and each batch is one frame.
+	minBatch = 2
+	// minSocketBuffer (doubled by the kernel) still queues a GSO
+	// super-frame; maxSocketBuffer is where more stops helping.
+	minSocketBuffer = 64 << 10
+	maxSocketBuffer = 4 << 20
+)
+
+// NewBudget returns a Budget of slots bytes of receive slots and queues
+// bytes of kernel socket queues (both directions, the kernel's doubling
+// included), of which each link first pays perLink bytes of slot memory
+// for buffers its user keeps (the dispatcher's arena).
+func NewBudget(slots, queues, perLink int) *Budget {
+	return &Budget{slots: slots, queues: queues, perLink: perLink, links: map[*Link]Share{}}
+}
+
+// Shares returns the current share of each open link, by name.
+func (b *Budget) Shares() map[string]Share {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	m := make(map[string]Share, len(b.links))
+	for l, s := range b.links {
+		m[l.name] = s
+	}
+	return m
+}
+
+func (b *Budget) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var slots, queues int
+	for l, s := range b.links {
+		slots += s.Batch * l.rx.slot
+		queues += 4 * s.SocketBuffer
+	}
+	return fmt.Sprintf("%d links: %d KiB of slots (budget %d KiB), %d KiB of socket queues at most (budget %d KiB)",
+		len(b.links), slots>>10, b.slots>>10, queues>>10, b.queues>>10)
+}
+
+// join adds l and rebalances; leave removes it.
+func (b *Budget) join(l *Link) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.links[l] = Share{}
+	b.rebalanceLocked()
+}
+
+func (b *Budget) leave(l *Link) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.links[l]; !ok {
+		return
+	}
+	delete(b.links, l)
+	b.rebalanceLocked()
+}
+
+func (b *Budget) rebalanceLocked() {
+	weights := 0
+	for l := range b.links {
+		weights += l.cfg.Weight
+	}
+	slots := max(0, b.slots-len(b.links)*b.perLink)
+	for l, old := range b.links {
+		s := Share{
+			Batch:        min(max(slots*l.cfg.Weight/weights/l.rx.slot, minBatch), l.cfg.BatchSize),
+			SocketBuffer: min(max(b.queues*l.cfg.Weight/weights/4, minSocketBuffer), maxSocketBuffer),
+		}
+		if l.cfg.SocketBuffer > 0 {
+			s.SocketBuffer = l.cfg.SocketBuffer // set by the caller
+		}
+		if s != old {
+			l.setShare(old, s)
+			b.links[l] = s
+		}
+	}
+}
+
+// setShare applies s: the socket queues at once, the slots at the reader's
+// next turn, which a deadline in the past brings forward when it waits.
+func (l *Link) setShare(old, s Share) {
+	if s.SocketBuffer != old.SocketBuffer && l.cfg.SocketBuffer == 0 {
+		err := l.rc.Control(func(fd uintptr) {
+			for _, o := range []int{unix.SO_RCVBUFFORCE, unix.SO_SNDBUFFORCE} {
+				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o, s.SocketBuffer); err != nil {
+					l.cfg.Logf("%s: socket buffer %d: %v", l.name, s.SocketBuffer, err)
+				}
+			}
+		})
+		if err != nil {
+			l.cfg.Logf("%s: socket buffer: %v", l.name, err)
+		}
+	}
+	if int(l.rxWant.Swap(int32(s.Batch))) != s.Batch {
+		_ = l.file.SetReadDeadline(time.Now())
+	}
+}

@@ -1,0 +1,96 @@
+package afpacket
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
+)
+
+// TestBudget: links that share a Budget divide it by weight as they open
+// and close; a reader blocked in ReadBatch gives back slots at once; the
+// socket queues follow; frames still flow after a resize.
+func TestBudget(t *testing.T) {
+	fw, peer := newNetns(t, "fw"), newNetns(t, "peer")
+	needRoot(t)
+	const slot = vnetHdrLen + link.MaxFrame
+	// 32 slots of budget, 4 of them paid as per-link overhead by two
+	// links; 4 MiB of queues.
+	b := NewBudget(34*slot, 4<<20, slot)
+	open := func(i, weight int) *Link {
+		f, p := fmt.Sprintf("f%d", i), fmt.Sprintf("p%d", i)
+		veth(t, fw, f, fmt.Sprintf("02:00:00:00:01:%02x", i), peer, p, fmt.Sprintf("02:00:00:00:02:%02x", i))
+		return openIn(t, fw, f, Config{Budget: b, Weight: weight})
+	}
+	want := func(l *Link, batch, sockbuf int) {
+		t.Helper()
+		s := b.Shares()[l.name]
+		if s.Batch != batch || s.SocketBuffer != sockbuf {
+			t.Fatalf("%s: share %+v, want batch %d socket buffer %d (%v)", l.name, s, batch, sockbuf, b)
+		}
+		var got int
+		l.rc.Control(func(fd uintptr) { got, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
+		if got != 2*sockbuf {
+			t.Fatalf("%s: SO_RCVBUF %d, want %d", l.name, got, 2*sockbuf)
+		}
+	}
+	up := open(0, 3)
+	want(up, 16, maxSocketBuffer/4) // alone: BatchSize caps it; 4 MiB / 4
+	blocked := make(chan error, 1)
+	go func() {
+		_, err := up.ReadBatch(make([]link.Frame, 64))
+		blocked <- err
+	}()
+	c1 := open(1, 1)
+	// weights 3+1: 32 slots after overhead -> 24 and 8
+	want(up, 16, 3*(4<<20)/4/4)
+	want(c1, 8, (4<<20)/4/4)
+	c2, c3 := open(2, 1), open(3, 1)
+	// 34-4 = 30 slots over weight 6: 15 and 5; queues 4 MiB/6/4 each unit
+	want(up, 15, 3*(4<<20)/6/4)
+	want(c2, 5, (4<<20)/6/4)
+	// The blocked reader shrank without a frame arriving.
+	deadline := time.Now().Add(10 * time.Second) // a hang guard, not a timing assertion
+	for up.rxHave.Load() != 15 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the blocked reader still has %d slots, want 15", up.rxHave.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Frames flow through the resized link: one wakes the blocked
+	// reader, whose batch must be done before the next read (one reader
+	// per link), then a burst larger than the new batch.
+	fd, ifindex := rawSocket(t, peer, "p0")
+	send := func(i int) {
+		fr := testFrame(up.MAC(), [6]byte{2, 0, 0, 0, 2, 0}, 100, 'B', i)
+		if err := unix.Sendto(fd, fr, 0, &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(testEtherType)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(0)
+	if err := <-blocked; err != nil {
+		t.Fatal(err)
+	}
+	for i := range 40 {
+		send(1 + i)
+	}
+	got := readTestFrames(t, up, 40)
+	if got[39].Data[15] != 40 {
+		t.Fatalf("last frame %d, want 40", got[39].Data[15])
+	}
+	// A tiny budget still leaves each link minBatch slots and
+	// minSocketBuffer; closing links gives their part back.
+	c3.Close()
+	c2.Close()
+	want(up, 16, 3*(4<<20)/4/4)
+	want(c1, 8, (4<<20)/4/4)
+	small := NewBudget(0, 0, slot)
+	l := openIn(t, fw, "f1", Config{Budget: small})
+	_ = l
+	if s := small.Shares()["f1"]; s.Batch != minBatch || s.SocketBuffer != minSocketBuffer {
+		t.Fatalf("share of an empty budget %+v, want the floors", s)
+	}
+}
