@@ -40,10 +40,21 @@ func TestClientsPerVMSize(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct{ vm, memTotal, clients int }{
-		{32, 20, 10},
-		{64, 52, 30},
-	} {
+	type size struct{ vm, memTotal, clients int }
+	sizes := []size{{32, 20, 10}, {64, 52, 30}}
+	if v := os.Getenv("QGFW_VM_SIZES"); v != "" {
+		// VM:MEMTOTAL:CLIENTS,... (MiB), to find where a size stops
+		// forwarding: e.g. 32:20:40,64:52:90.
+		sizes = nil
+		for _, f := range strings.Split(v, ",") {
+			var s size
+			if _, err := fmt.Sscanf(f, "%d:%d:%d", &s.vm, &s.memTotal, &s.clients); err != nil {
+				t.Fatalf("QGFW_VM_SIZES: %q: %v", f, err)
+			}
+			sizes = append(sizes, s)
+		}
+	}
+	for _, c := range sizes {
 		t.Run(fmt.Sprintf("%dMB-%dclients", c.vm, c.clients), func(t *testing.T) {
 			// The VM holds the unpacked initramfs (the binary and little
 			// else) in RAM, and its kernel needs about 3 MiB beyond the
