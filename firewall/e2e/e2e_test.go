@@ -251,6 +251,37 @@ func TestFirewallEndToEnd(t *testing.T) {
 		icmpErrorsOnlyToTheFlowsRemote(t, e)
 	})
 
+	t.Run("frag-needed for a DF packet over the uplink MTU lowers the client's path MTU", func(t *testing.T) {
+		// Defect 3 of the data-path review: the error must quote the
+		// packet as the client sent it (before NAT), or its kernel
+		// cannot match it and path MTU discovery black-holes.
+		e.t = t
+		e.setRules(client2IP, "action=accept")
+		for _, l := range []struct {
+			n   *netnstest.NS
+			dev string
+		}{{e.fw, "vif2"}, {e.cl2, "eth0"}} {
+			l.n.IP(t, "link", "set", l.dev, "mtu", "3000")
+			defer l.n.IP(t, "link", "set", l.dev, "mtu", "1500")
+		}
+		defer e.cl2.IP(t, "route", "flush", "cache")
+		// 2028 bytes with DF set; the uplink's MTU is 1500.
+		out, _ := e.cl2.Command(context.Background(), "ping", "-M", "do", "-s", "2000", "-c", "2", "-W", "2", serverIP).CombinedOutput()
+		route, err := e.cl2.Command(context.Background(), "ip", "route", "get", serverIP).CombinedOutput()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(route), "mtu 1500") {
+			t.Fatalf("the client's route to %s has no path MTU of 1500:\n%s\nping said:\n%s", serverIP, route, out)
+		}
+		t.Logf("client's route after the error: %s", strings.TrimSpace(string(route)))
+		// Data larger than the uplink's MTU now flows (TCP sizes its
+		// segments by the path MTU).
+		if err := netnstest.TCPEcho(e.cl2, serverIP+":7"); err != nil {
+			t.Fatalf("tcp after the path MTU change: %v", err)
+		}
+	})
+
 	t.Run("dsthost accept and drop, followed after a change", func(t *testing.T) {
 		e.t = t
 		e.setRules(client1IP, "action=drop dsthost=blocked.test", "action=accept dsthost=allowed.test", "action=accept specialtarget=dns")
