@@ -246,6 +246,11 @@ func TestFirewallEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("one stalled client does not stall the other", func(t *testing.T) {
+		e.t = t
+		oneStalledClient(t, e)
+	})
+
 	t.Run("ICMP errors only to the remote of the flow they quote", func(t *testing.T) {
 		e.t = t
 		icmpErrorsOnlyToTheFlowsRemote(t, e)
