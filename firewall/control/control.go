@@ -279,7 +279,11 @@ func (c *Controller) reconcile(reopen bool) {
 		c.unconfirmed, c.holdUntil = false, time.Time{}
 	}
 	c.wantRetry = false
-	if err := c.d.SetUplink(&dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()}); err != nil {
+	up := &dispatch.Uplink{Port: c.port, IP: ip.As4(), Gateway: gw.As4()}
+	if m, err := netip.ParseAddr(c.uplink.Netmask); err == nil && m.Is4() {
+		up.Netmask = m.As4()
+	}
+	if err := c.d.SetUplink(up); err != nil {
 		// Fail closed: the link stays open but nothing goes out until
 		// QubesDB gives usable addressing.
 		c.logf("control: QubesDB uplink settings refused, uplink down: %v", err)

@@ -11,6 +11,7 @@ package dispatch
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -93,6 +94,21 @@ type Uplink struct {
 	Port    *Port
 	IP      [4]byte // our address: the source of all NATed traffic
 	Gateway [4]byte // the netvm
+	// Netmask is the netvm's subnet (/qubes-netmask); zero when unknown.
+	// Its network and broadcast addresses are never a destination.
+	Netmask [4]byte
+}
+
+// subnetEdge reports whether dst is the network or the broadcast address
+// of the uplink's subnet (none for a /31 or /32, whose addresses are all
+// hosts).
+func (u *Uplink) subnetEdge(dst [4]byte) bool {
+	m := binary.BigEndian.Uint32(u.Netmask[:])
+	if m == 0 || ^m <= 1 {
+		return false
+	}
+	ip, a := binary.BigEndian.Uint32(u.IP[:]), binary.BigEndian.Uint32(dst[:])
+	return a == ip&m || a == ip|^m
 }
 
 // Port is a link attached to the dispatcher. Input must be called from one
@@ -377,6 +393,12 @@ func (d *Dispatcher) checkUplinkLocked(u *Uplink) error {
 		if !ip.IsGlobalUnicast() || a.ip[0] == 0 {
 			return fmt.Errorf("uplink %s %v: %w (not a unicast host address)", a.what, ip, ErrBadUplink)
 		}
+	}
+	if inv := ^binary.BigEndian.Uint32(u.Netmask[:]); inv != ^uint32(0) && inv&(inv+1) != 0 {
+		return fmt.Errorf("uplink netmask %v: %w (not a prefix)", netip.AddrFrom4(u.Netmask), ErrBadUplink)
+	}
+	if u.subnetEdge(u.IP) || u.subnetEdge(u.Gateway) {
+		return fmt.Errorf("uplink address %v or gateway %v is its subnet's network or broadcast address: %w", netip.AddrFrom4(u.IP), netip.AddrFrom4(u.Gateway), ErrBadUplink)
 	}
 	if u.IP == u.Gateway {
 		return fmt.Errorf("uplink address %v is also the gateway: %w", netip.AddrFrom4(u.IP), ErrBadUplink)

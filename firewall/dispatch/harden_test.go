@@ -225,10 +225,17 @@ func TestBadUplinkAddressingRefused(t *testing.T) {
 		{"gateway loopback", fwIP, ip4("127.0.0.1")},
 		{"gateway is a client", fwIP, client1},
 		{"address is the gateway", gwIP, gwIP},
+		{"address is its subnet's broadcast", ip4("10.137.0.255"), gwIP},
+		{"gateway is its subnet's network", fwIP, ip4("10.137.0.0")},
+		{"netmask not a prefix", fwIP, gwIP},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newTestNet(t)
-			if err := n.d.SetUplink(&Uplink{Port: n.up, IP: tc.ip, Gateway: tc.gw}); !errors.Is(err, ErrBadUplink) {
+			mask := ip4("255.255.255.0")
+			if tc.name == "netmask not a prefix" {
+				mask = ip4("255.0.255.0")
+			}
+			if err := n.d.SetUplink(&Uplink{Port: n.up, IP: tc.ip, Gateway: tc.gw, Netmask: mask}); !errors.Is(err, ErrBadUplink) {
 				t.Fatalf("SetUplink: %v, want ErrBadUplink", err)
 			}
 			up, _ := n.fromClient(0, out.bytes())
@@ -529,4 +536,35 @@ func TestFastPathNoAllocs(t *testing.T) {
 	if s := n.d.Stats(); s.Forwarded < 2000 || s.Drops.Total() != 0 {
 		t.Fatalf("forwarded %d, drops %q: the packets did not take the fast path", s.Forwarded, s.Drops.String())
 	}
+}
+
+// The network and broadcast addresses of the netvm's subnet are never
+// forwarded to (a directed broadcast reaches every VM there); the rest of
+// the subnet is, and a /31 has no such addresses.
+func TestSubnetBroadcastDropped(t *testing.T) {
+	n := newTestNet(t)
+	if err := n.d.SetUplink(&Uplink{Port: n.up, IP: fwIP, Gateway: gwIP, Netmask: ip4("255.255.255.0")}); err != nil {
+		t.Fatal(err)
+	}
+	n.upPeer.TryRead() // the gratuitous ARP and the gateway query
+	to := func(dst [4]byte) pkt {
+		return pkt{srcMAC: c1MAC, src: client1, dst: dst, proto: header.ProtoUDP, sport: 5000, dport: 9}
+	}
+	for _, dst := range []string{"10.137.0.255", "10.137.0.0"} {
+		before := n.d.Stats().Drops[ReasonBroadcast]
+		up, back := n.fromClient(0, to(ip4(dst)).bytes())
+		none(t, up, dst+": uplink")
+		none(t, back, dst+": client")
+		if got := n.d.Stats().Drops[ReasonBroadcast]; got != before+1 {
+			t.Errorf("%s: broadcast drops %d, want %d", dst, got, before+1)
+		}
+	}
+	up, _ := n.fromClient(0, to(ip4("10.137.0.254")).bytes())
+	one(t, up, "a host of the subnet")
+	if err := n.d.SetUplink(&Uplink{Port: n.up, IP: fwIP, Gateway: ip4("10.137.0.11"), Netmask: ip4("255.255.255.254")}); err != nil {
+		t.Fatal(err)
+	}
+	n.upPeer.TryRead()
+	up, _ = n.fromClient(0, to(ip4("10.137.0.11")).bytes())
+	one(t, up, "the other address of a /31")
 }

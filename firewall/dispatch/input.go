@@ -230,6 +230,10 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 	case dst[0] == 0 || dst[0] == 127:
 		d.drop(c, ReasonMartian)
 		return
+	case d.uplink != nil && d.uplink.subnetEdge(dst):
+		// A directed broadcast to the netvm's subnet.
+		d.drop(c, ReasonBroadcast)
+		return
 	case d.uplink != nil && dst == d.uplink.IP:
 		// Anti-spoofing has run; the client's rules do not apply here.
 		if isEchoRequest(pk) {
