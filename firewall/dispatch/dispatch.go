@@ -125,7 +125,9 @@ type Port struct {
 	parsed   header.Parsed
 	frag     *frag.Reassembler
 	pending  []pending
-	arena    []byte // generated frames of the current batch
+	cut      bool      // some pending frames are to be fragmented
+	spare    []pending // the other half of pending while fragmenting
+	arena    []byte    // generated frames of the current batch
 	batch    []link.Frame
 	fragBufs [][]byte // reused by frag.Fragment
 }
@@ -133,6 +135,11 @@ type Port struct {
 type pending struct {
 	to    *Port
 	frame link.Frame
+	// cut: the packet exceeds to's MTU and is fragmented after the lock
+	// is released (byte work: copies, perhaps a 64 KiB checksum); c is
+	// charged if that fails.
+	cut bool
+	c   *client
 }
 
 // ArenaSize bounds the bytes of frames a port generates per batch (ARP

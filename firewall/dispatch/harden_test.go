@@ -568,3 +568,41 @@ func TestSubnetBroadcastDropped(t *testing.T) {
 	up, _ = n.fromClient(0, to(ip4("10.137.0.11")).bytes())
 	one(t, up, "the other address of a /31")
 }
+
+// Fragmentation is byte work (copies, perhaps a 64 KiB checksum): the
+// locked phase only queues the packet whole, marked to be cut; the cutting
+// happens after the lock is released, and its outcome is counted then.
+func TestFragmentationOutsideTheLock(t *testing.T) {
+	n := newTestNetMTU(t, 1400)
+	big := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9, payload: make([]byte, 3000)}.bytes()
+	p := n.c[0]
+	p.pending, p.arena = p.pending[:0], p.arena[:0]
+	n.d.mu.Lock()
+	p.input(&link.Frame{Data: big}, n.d.clock())
+	n.d.mu.Unlock()
+	if len(p.pending) != 1 || !p.pending[0].cut || len(p.pending[0].frame.Data) != len(big) || len(p.arena) != 0 {
+		t.Fatalf("after the locked phase: %d pending (cut %v), arena %d bytes; want the whole packet, marked, nothing built",
+			len(p.pending), len(p.pending) > 0 && p.pending[0].cut, len(p.arena))
+	}
+	before := n.d.Stats().Forwarded
+	p.fragmentPending()
+	p.flush()
+	frags := data(n.upPeer.TryRead())
+	if len(frags) != 3 {
+		t.Fatalf("%d frames on the uplink, want 3 fragments", len(frags))
+	}
+	var got []byte
+	for _, f := range frags {
+		h := header.IPv4(f[header.EthernetLen:])
+		if !h.ChecksumValid() || h.Src() != fwIP || len(f) > header.EthernetLen+1400 || h.FragOffset() != len(got) {
+			t.Fatalf("bad fragment %x", f[:40])
+		}
+		got = append(got, h.Payload()...)
+	}
+	if len(got) != 8+3000 {
+		t.Fatalf("fragments carry %d bytes, want %d", len(got), 8+3000)
+	}
+	if got := n.d.Stats().Forwarded; got != before+1 {
+		t.Errorf("forwarded %d, want %d", got, before+1)
+	}
+}

@@ -26,7 +26,77 @@ func (p *Port) Input(frames []link.Frame) {
 		}
 	}
 	d.unlock()
+	if p.cut {
+		p.fragmentPending()
+	}
 	p.flush()
+}
+
+// fragmentPending replaces each pending packet marked cut by its
+// fragments, outside the dispatcher's lock (only this port's goroutine
+// uses its arena and buffers), then takes the lock once to count the
+// outcome.
+func (p *Port) fragmentPending() {
+	d := p.d
+	p.cut = false
+	out := p.spare[:0]
+	type outcome struct {
+		c  *client
+		ok bool
+		r  Reason
+	}
+	var outcomes []outcome
+	for _, q := range p.pending {
+		if !q.cut {
+			out = append(out, q)
+			continue
+		}
+		var o outcome
+		out, o.ok, o.r = p.fragment(q, out)
+		o.c = q.c
+		outcomes = append(outcomes, o)
+	}
+	p.pending, p.spare = out, p.pending
+	d.mu.Lock()
+	for _, o := range outcomes {
+		if o.ok {
+			d.stats.Forwarded++
+		} else {
+			d.drop(o.c, o.r)
+		}
+	}
+	d.unlock()
+}
+
+// fragment appends q's fragments to out, or says why it could not.
+func (p *Port) fragment(q pending, out []pending) (_ []pending, ok bool, why Reason) {
+	f := &q.frame
+	if f.Offload.NeedsCsum {
+		// Fragments cannot carry a partial checksum: complete it first.
+		completeChecksum(f, len(f.Data))
+	}
+	frags, err := frag.Fragment(p.fragBufs[:0], header.IPv4(f.Data[header.EthernetLen:]), q.to.mtu)
+	p.fragBufs = frags
+	if err != nil {
+		return out, false, ReasonTooBig
+	}
+	need := 0
+	for _, fr := range frags {
+		need += header.EthernetLen + len(fr)
+	}
+	if !p.room(need) {
+		// All fragments or none: a partial train only wastes the
+		// receiver's reassembly memory.
+		return out, false, ReasonNoBuffer
+	}
+	eth := f.Data[:header.EthernetLen]
+	for _, fr := range frags {
+		b := p.alloc(header.EthernetLen + len(fr))
+		copy(b, eth)
+		copy(b[header.EthernetLen:], fr)
+		out = append(out, pending{to: q.to, frame: link.Frame{Data: b}})
+	}
+	return out, true, 0
 }
 
 // flush writes the pending frames, one batch per destination port.
@@ -429,34 +499,10 @@ func (p *Port) forward(c *client, to *Port, f *link.Frame) {
 		d.drop(c, ReasonTooBig)
 		return
 	}
-	if f.Offload.NeedsCsum {
-		// Fragments cannot carry a partial checksum: complete it first.
-		completeChecksum(f, pk.End)
-	}
-	frags, err := frag.Fragment(p.fragBufs[:0], ip, to.mtu)
-	p.fragBufs = frags
-	if err != nil {
-		d.drop(c, ReasonTooBig)
-		return
-	}
-	need := 0
-	for _, fr := range frags {
-		need += header.EthernetLen + len(fr)
-	}
-	if !p.room(need) {
-		// All fragments or none: a partial train only wastes the
-		// receiver's reassembly memory.
-		d.drop(c, ReasonNoBuffer)
-		return
-	}
-	eth := f.Data[:header.EthernetLen]
-	for _, fr := range frags {
-		b := p.alloc(header.EthernetLen + len(fr))
-		copy(b, eth)
-		copy(b[header.EthernetLen:], fr)
-		p.send(to, link.Frame{Data: b})
-	}
-	d.stats.Forwarded++
+	// Cut after the lock is released (fragmentPending).
+	f.Data = f.Data[:pk.End]
+	p.pending = append(p.pending, pending{to: to, frame: *f, cut: true, c: c})
+	p.cut = true
 }
 
 // completeChecksum finishes a partial transport checksum in software over
