@@ -4,9 +4,11 @@
 // address, and generates ICMP rejects; everything else addressed to the
 // firewall is dropped.
 //
-// Decide, then act: per frame, the dispatcher classifies under its lock,
-// rewrites the frame in place and queues it; the queued frames are written
-// to their links after the lock is released.
+// Decide, then act: per frame, under its lock, the dispatcher classifies the
+// packet into a verdict without changing anything (verdict.go), then
+// carries the verdict out: NAT, rewriting the frame in place, queueing it.
+// Fragmenting and writing the queued frames happen after the lock is
+// released.
 package dispatch
 
 import (

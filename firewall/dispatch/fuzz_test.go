@@ -151,6 +151,7 @@ func BenchmarkFastPath(b *testing.B) {
 		var p header.Parsed
 		p.Decode(frame)
 		p.RewriteSrc(frame, client1, 40000, header.CsumFull)
+		header.Ethernet(frame).SetSrc(c1MAC) // the source MAC is checked
 		header.IPv4(frame[14:])[8] = 64
 		header.IPv4(frame[14:]).SetChecksum(0)
 		header.IPv4(frame[14:]).SetChecksum(header.IPv4(frame[14:]).CalculateChecksum())

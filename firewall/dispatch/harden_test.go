@@ -1,6 +1,7 @@
 package dispatch
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
@@ -604,5 +605,47 @@ func TestFragmentationOutsideTheLock(t *testing.T) {
 	}
 	if got := n.d.Stats().Forwarded; got != before+1 {
 		t.Errorf("forwarded %d, want %d", got, before+1)
+	}
+}
+
+// Decide, then act: classifying a packet changes neither the frame nor the
+// NAT table, whatever the verdict; applying it does the rest.
+func TestClassifyChangesNothing(t *testing.T) {
+	n := newTestNet(t)
+	flow := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 53}
+	up, _ := n.fromClient(0, flow.bytes())
+	natPort := checkValid(t, one(t, up, "the flow's first packet")).SrcPort
+	reply := pkt{srcMAC: gwMAC, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoUDP, sport: 53, dport: natPort}
+	n.d.SetRules(client1, mustRules(map[string]string{"policy": "drop", "0000": "action=accept proto=udp"}))
+	for _, tc := range []struct {
+		name string
+		p    *Port
+		b    []byte
+		act  action
+	}{
+		{"existing flow", n.c[0], flow.bytes(), actForward},
+		{"new flow", n.c[0], pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4001, dport: 53}.bytes(), actForward},
+		{"denied", n.c[0], pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoTCP, sport: 4002, dport: 80, tcpFlags: header.TCPSyn}.bytes(), actReject},
+		{"to another client", n.c[0], pkt{srcMAC: c1MAC, src: client1, dst: client2, proto: header.ProtoUDP, sport: 4003, dport: 53}.bytes(), actDrop},
+		{"inbound reply", n.up, reply.bytes(), actForward},
+		{"inbound, no flow", n.up, pkt{srcMAC: gwMAC, dstMAC: upMAC, src: remote, dst: fwIP, proto: header.ProtoUDP, sport: 53, dport: natPort + 1}.bytes(), actDrop},
+	} {
+		n.d.mu.Lock()
+		before, entries := append([]byte(nil), tc.b...), n.d.nat.Len()
+		f := &link.Frame{Data: tc.b}
+		tc.p.parsed.Decode(f.Data)
+		var v verdict
+		if tc.p == n.up {
+			v = tc.p.classifyIn(f, n.d.clock())
+		} else {
+			v = tc.p.classifyOut(n.d.clients[client1], f, n.d.clock())
+		}
+		n.d.mu.Unlock()
+		if v.act != tc.act {
+			t.Errorf("%s: action %d, want %d (reason %v)", tc.name, v.act, tc.act, v.reason)
+		}
+		if !bytes.Equal(tc.b, before) || n.d.nat.Len() != entries {
+			t.Errorf("%s: classifying changed the frame or the NAT table (%d -> %d entries)", tc.name, entries, n.d.nat.Len())
+		}
 	}
 }

@@ -1,14 +1,11 @@
 package dispatch
 
 import (
-	"errors"
 	"net/netip"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/frag"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/nat"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/rules"
 )
 
 // Input processes frames read from p's link: it decides the fate of each
@@ -259,7 +256,9 @@ func (p *Port) clientLocked(pk *header.Parsed) *client {
 	return nil
 }
 
-// fromClient handles a frame a client sent.
+// fromClient handles a frame a client sent: the checks that need no
+// verdict (its MAC, ARP, its source address), reassembly, then
+// classifyOut and applyOut.
 func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 	d := p.d
 	pk := &p.parsed
@@ -287,114 +286,14 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		d.log.log(now, "dispatch: client %v sent from %v: dropped (spoofed source)", netip.AddrFrom4(c.ip), netip.AddrFrom4(pk.Src))
 		return
 	}
-	if pk.Fragment {
-		if !p.reassemble(c, f, now) {
-			return
-		}
-	}
-	dst := pk.Dst
-	switch {
-	case dst[0] >= 224 || dst == [4]byte{255, 255, 255, 255}:
-		d.drop(c, ReasonBroadcast)
-		return
-	case dst[0] == 0 || dst[0] == 127:
-		d.drop(c, ReasonMartian)
-		return
-	case d.uplink != nil && d.uplink.subnetEdge(dst):
-		// A directed broadcast to the netvm's subnet.
-		d.drop(c, ReasonBroadcast)
-		return
-	case d.uplink != nil && dst == d.uplink.IP:
-		// Anti-spoofing has run; the client's rules do not apply here.
-		if isEchoRequest(pk) {
-			p.answerEcho(c, &c.echoes, c.mac, f, now)
-		} else {
-			// Rejected as the Linux firewall VM's input chain does.
-			d.drop(c, ReasonToFirewall)
-			p.reject(c, f.Data, now)
-		}
+	if pk.Fragment && !p.reassemble(c, f, now) {
 		return
 	}
-	if other, ok := d.clients[dst]; ok && !d.isBSDGateway(other) {
-		d.drop(c, ReasonClientToClient)
-		return
-	}
-	u := d.uplink
-	if u == nil {
-		d.drop(c, ReasonNoUplink)
-		return
-	}
-	if pk.TTL <= 1 {
-		// Checked before NAT so an expiring packet touches no entry.
-		d.drop(c, ReasonTTL)
-		return
-	}
-	if tooBig(f, pk, u.Port.mtu) {
-		// Decided before NAT: "fragmentation needed" must quote the
-		// header the client sent, or its kernel cannot match it to the
-		// socket and path MTU discovery black-holes the connection.
-		d.drop(c, ReasonTooBig)
-		if !(pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType)) {
-			p.fragNeeded(c, f.Data, u.Port.mtu)
-		}
-		return
-	}
-	mode := csumMode(f)
-	var e *nat.Entry
-	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
-		// An error about a packet the client received through NAT.
-		if e = d.nat.TranslateICMPErrorOut(f.Data, pk, now); e == nil {
-			d.drop(c, ReasonICMPError)
-			return
-		}
-	} else if e = d.nat.LookupOut(pk, now); e != nil {
-		d.nat.TranslateOut(e, f.Data, pk, mode, now)
-	} else {
-		v := d.rulesLocked(c.ip).Match(rules.Packet{
-			Dst: netip.AddrFrom4(dst), Proto: pk.Proto, DstPort: pk.DstPort, ICMPType: pk.ICMPType,
-		}, d.envLocked())
-		if v.Action != rules.Accept {
-			d.drop(c, ReasonRule)
-			p.reject(c, f.Data, now)
-			return
-		}
-		if pk.Proto == header.ProtoICMP && !header.ICMPIsRequest(pk.ICMPType) {
-			// Only requests open ICMP flows.
-			d.drop(c, ReasonRule)
-			return
-		}
-		var err error
-		if e, err = d.nat.Create(pk, u.IP, now); err != nil {
-			r := ReasonNATFull
-			switch {
-			case errors.Is(err, nat.ErrPortsExhausted):
-				r = ReasonPortsExhausted
-			case errors.Is(err, nat.ErrClientQuota):
-				r = ReasonNATQuota
-			case errors.Is(err, nat.ErrUnsupported):
-				r = ReasonProtocol
-			}
-			d.drop(c, r)
-			d.log.log(now, "dispatch: client %v: new flow refused: %v", netip.AddrFrom4(c.ip), err)
-			return
-		}
-		d.nat.TranslateOut(e, f.Data, pk, mode, now)
-	}
-	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
-	header.Ethernet(f.Data).SetSrc(u.Port.mac)
-	header.Ethernet(f.Data).SetDst(d.gwMAC)
-	p.forward(c, u.Port, f)
-}
-
-// isBSDGateway reports whether c is the netvm in BSD mode, which receives
-// outbound traffic as our gateway.
-func (d *Dispatcher) isBSDGateway(c *client) bool {
-	return d.uplink != nil && d.uplink.Port == c.port && d.uplink.Gateway == c.ip
+	p.applyOut(c, f, p.classifyOut(c, f, now), now)
 }
 
 // fromUplink handles ARP on the uplink and IPv4 addressed to our uplink IP:
-// ping is answered, replies to our own sockets and to NATed flows are
-// delivered, everything else is dropped.
+// after the source checks and reassembly, classifyIn and applyIn.
 func (p *Port) fromUplink(f *link.Frame, now int64) {
 	d := p.d
 	u := d.uplink
@@ -412,51 +311,16 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 		d.log.log(now, "dispatch: uplink packet from %v: dropped (client or own source)", netip.AddrFrom4(pk.Src))
 		return
 	}
-	if pk.Fragment {
-		if !p.reassemble(nil, f, now) {
-			return
-		}
-	}
-	if isEchoRequest(pk) {
-		// NAT entries translate replies; no request ever matches one.
-		// The reply goes back to the frame's sender: the gateway (or, in
-		// BSD mode, the netvm client).
-		p.answerEcho(nil, &d.echoes, header.Ethernet(f.Data).Src(), f, now)
+	if pk.Fragment && !p.reassemble(nil, f, now) {
 		return
 	}
-	if pk.Proto == header.ProtoUDP {
-		if conn, ok := d.local[pk.DstPort]; ok {
-			conn.deliver(pk, f)
-			return
-		}
-	}
-	if pk.TTL <= 1 {
-		d.drop(nil, ReasonTTL)
-		return
-	}
-	var e *nat.Entry
-	if pk.Proto == header.ProtoICMP && header.ICMPIsError(pk.ICMPType) {
-		e = d.nat.TranslateICMPErrorIn(f.Data, pk, now)
-	} else if e = d.nat.LookupIn(pk, now); e != nil {
-		if !e.AcceptsIn(pk) {
-			d.drop(nil, ReasonTCPReset)
-			return
-		}
-		d.nat.TranslateIn(e, f.Data, pk, csumMode(f), now)
-	}
-	if e == nil {
-		d.drop(nil, ReasonNoEntry)
-		return
-	}
-	c, ok := d.clients[e.ClientIP()]
-	if !ok {
-		d.drop(nil, ReasonNoEntry)
-		return
-	}
-	header.IPv4(f.Data[pk.IPOff:]).DecTTL()
-	header.Ethernet(f.Data).SetSrc(c.port.mac)
-	header.Ethernet(f.Data).SetDst(c.mac)
-	p.forward(c, c.port, f)
+	p.applyIn(f, p.classifyIn(f, now), now)
+}
+
+// isBSDGateway reports whether c is the netvm in BSD mode, which receives
+// outbound traffic as our gateway.
+func (d *Dispatcher) isBSDGateway(c *client) bool {
+	return d.uplink != nil && d.uplink.Port == c.port && d.uplink.Gateway == c.ip
 }
 
 func (d *Dispatcher) isBSDGatewayIP(ip [4]byte) bool {

@@ -95,6 +95,17 @@ func parseQuote(m []byte) (q quote, ok bool) {
 // (malformed, bad checksum, unknown flow, not addressed to the address the
 // quoted packet came from). It does not refresh the entry.
 func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) *Entry {
+	e := t.ICMPErrorIn(frame, p, now)
+	if e != nil {
+		RewriteICMPErrorIn(e, frame, p)
+	}
+	return e
+}
+
+// ICMPErrorIn is the decision half of TranslateICMPErrorIn: the entry of
+// the flow an inbound ICMP error is about, or nil if it must be dropped.
+// It changes nothing (but may reap an expired entry).
+func (t *Table) ICMPErrorIn(frame []byte, p *header.Parsed, now int64) *Entry {
 	m, ok := icmpError(frame, p)
 	if !ok {
 		return nil
@@ -103,14 +114,26 @@ func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) 
 	if !ok || q.key.Src != p.Dst || (q.key.Proto == header.ProtoICMP && !header.ICMPIsRequest(q.icmp)) {
 		return nil
 	}
-	e := t.get(t.in, q.key, now)
-	if e == nil {
-		return nil
+	return t.get(t.in, q.key, now)
+}
+
+// RewriteICMPErrorIn is the acting half of TranslateICMPErrorIn, for the
+// entry ICMPErrorIn returned for this frame: the quote and the outer
+// destination name the client again. False (nothing changed) for a frame
+// ICMPErrorIn did not accept.
+func RewriteICMPErrorIn(e *Entry, frame []byte, p *header.Parsed) bool {
+	m, ok := icmpError(frame, p)
+	if !ok {
+		return false
+	}
+	q, ok := parseQuote(m)
+	if !ok {
+		return false
 	}
 	rewriteQuote(m, q, header.IPv4SrcOffset, header.SrcPortOffset, e.ct.Src, e.ct.SrcPort)
 	header.IPv4(frame[p.IPOff:]).SetDst(e.ct.Src)
 	p.Dst = e.ct.Src
-	return e
+	return true
 }
 
 // TranslateICMPErrorOut translates an ICMP error from a client about a
@@ -123,6 +146,17 @@ func (t *Table) TranslateICMPErrorIn(frame []byte, p *header.Parsed, now int64) 
 // tell the remote end of one of its flows about that flow, as conntrack
 // requires of related ICMP.
 func (t *Table) TranslateICMPErrorOut(frame []byte, p *header.Parsed, now int64) *Entry {
+	e := t.ICMPErrorOut(frame, p, now)
+	if e != nil {
+		RewriteICMPErrorOut(e, frame, p)
+	}
+	return e
+}
+
+// ICMPErrorOut is the decision half of TranslateICMPErrorOut: the entry of
+// the flow a client's ICMP error is about, or nil if it must be dropped.
+// It changes nothing (but may reap an expired entry).
+func (t *Table) ICMPErrorOut(frame []byte, p *header.Parsed, now int64) *Entry {
 	if p.End-p.IPOff > MaxClientErrorLen {
 		return nil
 	}
@@ -142,14 +176,26 @@ func (t *Table) TranslateICMPErrorOut(frame []byte, p *header.Parsed, now int64)
 		}
 		k.SrcPort, k.DstPort = q.key.SrcPort, 0
 	}
-	e := t.get(t.out, k, now)
-	if e == nil {
-		return nil
+	return t.get(t.out, k, now)
+}
+
+// RewriteICMPErrorOut is the acting half of TranslateICMPErrorOut, for the
+// entry ICMPErrorOut returned for this frame: the quote names our address
+// and port, and so does the outer source. False (nothing changed) for a
+// frame ICMPErrorOut did not accept.
+func RewriteICMPErrorOut(e *Entry, frame []byte, p *header.Parsed) bool {
+	m, ok := icmpError(frame, p)
+	if !ok {
+		return false
+	}
+	q, ok := parseQuote(m)
+	if !ok {
+		return false
 	}
 	rewriteQuote(m, q, header.IPv4DstOffset, header.DstPortOffset, e.uplink, e.natPort)
 	header.IPv4(frame[p.IPOff:]).SetSrc(e.uplink)
 	p.Src = e.uplink
-	return e
+	return true
 }
 
 // rewriteQuote sets the quoted address at offset addrOff of the quoted IP
