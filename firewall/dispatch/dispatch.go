@@ -125,7 +125,9 @@ type Port struct {
 
 	// Used only by the goroutine that calls Input, or under d.mu.
 	parsed   header.Parsed
+	fragMu   sync.Mutex // guards frag: Input reassembles outside d.mu, Tick expires
 	frag     *frag.Reassembler
+	early    []uint8 // per frame of the batch: what reassembly made of it
 	pending  []pending
 	cut      bool      // some pending frames are to be fragmented
 	spare    []pending // the other half of pending while fragmenting
@@ -466,7 +468,9 @@ func (d *Dispatcher) Tick() {
 	defer d.unlock()
 	d.nat.Expire(now)
 	for p := range d.ports {
+		p.fragMu.Lock()
 		p.frag.Expire(now)
+		p.fragMu.Unlock()
 	}
 	if u := d.uplink; u != nil && u.Port != nil && !d.isBSDGatewayIP(u.Gateway) {
 		// Until the gateway answers, keep asking, backing off to every

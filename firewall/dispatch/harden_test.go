@@ -7,6 +7,7 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link/linktest"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/header"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
@@ -579,7 +580,7 @@ func TestFragmentationOutsideTheLock(t *testing.T) {
 	p := n.c[0]
 	p.pending, p.arena = p.pending[:0], p.arena[:0]
 	n.d.mu.Lock()
-	p.input(&link.Frame{Data: big}, n.d.clock())
+	p.input(&link.Frame{Data: big}, earlyGo, n.d.clock())
 	n.d.mu.Unlock()
 	if len(p.pending) != 1 || !p.pending[0].cut || len(p.pending[0].frame.Data) != len(big) || len(p.arena) != 0 {
 		t.Fatalf("after the locked phase: %d pending (cut %v), arena %d bytes; want the whole packet, marked, nothing built",
@@ -647,5 +648,47 @@ func TestClassifyChangesNothing(t *testing.T) {
 		if !bytes.Equal(tc.b, before) || n.d.nat.Len() != entries {
 			t.Errorf("%s: classifying changed the frame or the NAT table (%d -> %d entries)", tc.name, entries, n.d.nat.Len())
 		}
+	}
+}
+
+// Reassembly copies every byte of a datagram: it runs before the
+// dispatcher's lock is taken (the reassembler is the port's). Here the
+// test holds the lock while the port gathers fragments; the reassembled
+// datagram then goes the usual way.
+func TestReassemblyBeforeTheLock(t *testing.T) {
+	n := newTestNet(t)
+	whole := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 4000, dport: 9000, payload: make([]byte, 2500)}.bytes()
+	frames := toFrames(fragment(whole, 1000))
+	p := n.c[0]
+	p.pending, p.arena = p.pending[:0], p.arena[:0]
+	n.d.mu.Lock()
+	done := make(chan struct{})
+	go func() {
+		p.gather(frames, n.d.clock())
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second): // a hang guard, not a timing assertion
+		t.Fatal("gather waits for the dispatcher's lock")
+	}
+	n.d.mu.Unlock()
+	last := len(frames) - 1
+	for i, e := range p.early {
+		if want := map[bool]uint8{true: earlyGo, false: earlyHeld}[i == last]; e != want {
+			t.Fatalf("frame %d: %d, want %d", i, e, want)
+		}
+	}
+	if len(frames[last].Data) != len(whole) {
+		t.Fatalf("the last frame holds %d bytes, want the whole datagram's %d", len(frames[last].Data), len(whole))
+	}
+	// The whole Input path: the datagram leaves translated.
+	up, _ := n.fromClient(0, fragment(whole, 1000)...)
+	var got int
+	for _, f := range up {
+		got += len(header.IPv4(f[header.EthernetLen:]).Payload())
+	}
+	if got != 8+2500 {
+		t.Fatalf("%d bytes left on the uplink, want %d", got, 8+2500)
 	}
 }

@@ -16,10 +16,13 @@ func (p *Port) Input(frames []link.Frame) {
 	p.pending = p.pending[:0]
 	p.arena = p.arena[:0]
 	now := d.clock()
+	p.gather(frames, now)
 	d.mu.Lock()
 	if _, attached := d.ports[p]; attached {
 		for i := range frames {
-			p.input(&frames[i], now)
+			if p.early[i] != earlyHeld {
+				p.input(&frames[i], p.early[i], now)
+			}
 		}
 	}
 	d.unlock()
@@ -148,10 +151,18 @@ func (d *Dispatcher) drop(c *client, r Reason) {
 	}
 }
 
-func (p *Port) input(f *link.Frame, now int64) {
+func (p *Port) input(f *link.Frame, early uint8, now int64) {
 	d := p.d
 	pk := &p.parsed
 	pk.Decode(f.Data)
+	switch early {
+	case earlyNoFragment:
+		d.drop(p.clientLocked(pk), ReasonFragment)
+		return
+	case earlyNoBuffer:
+		d.drop(p.clientLocked(pk), ReasonNoBuffer)
+		return
+	}
 	u := d.uplink
 	isUplink := u != nil && u.Port == p
 	if pk.Kind == header.KindIPv4 && pk.Options {
@@ -286,7 +297,10 @@ func (p *Port) fromClient(c *client, f *link.Frame, now int64) {
 		d.log.log(now, "dispatch: client %v sent from %v: dropped (spoofed source)", netip.AddrFrom4(c.ip), netip.AddrFrom4(pk.Src))
 		return
 	}
-	if pk.Fragment && !p.reassemble(c, f, now) {
+	if pk.Fragment {
+		// gather reassembles every fragment it may; this one it left
+		// (a datagram that reassembled into a fragment).
+		d.drop(c, ReasonFragment)
 		return
 	}
 	p.applyOut(c, f, p.classifyOut(c, f, now), now)
@@ -311,7 +325,8 @@ func (p *Port) fromUplink(f *link.Frame, now int64) {
 		d.log.log(now, "dispatch: uplink packet from %v: dropped (client or own source)", netip.AddrFrom4(pk.Src))
 		return
 	}
-	if pk.Fragment && !p.reassemble(nil, f, now) {
+	if pk.Fragment {
+		d.drop(nil, ReasonFragment)
 		return
 	}
 	p.applyIn(f, p.classifyIn(f, now), now)
@@ -382,32 +397,59 @@ func completeChecksum(f *link.Frame, end int) {
 	f.Offload.NeedsCsum = false
 }
 
-// reassemble feeds a fragment to the port's reassembler. When the datagram
-// is complete it replaces f's data with it (in the arena), re-decodes it
-// and reports true.
-func (p *Port) reassemble(c *client, f *link.Frame, now int64) bool {
-	d := p.d
-	pk := &p.parsed
-	dg, res := p.frag.Add(f.Data[pk.IPOff:pk.End], now)
-	if res == frag.Pending {
-		return false
+// What gather made of a frame.
+const (
+	earlyGo         uint8 = iota // not a fragment, or reassembled into a whole datagram
+	earlyHeld                    // a fragment kept until its datagram is complete
+	earlyNoFragment              // reassembly refused or gave up
+	earlyNoBuffer                // reassembled, but no room in the arena
+)
+
+// gather runs fragment reassembly for a batch before the dispatcher's lock
+// is taken (the copies are byte work; the reassembler is the port's): a
+// fragment is kept, or the frame becomes the whole datagram, in the
+// arena. What it says of each frame is in p.early. Fragments that cannot
+// be forwarded anyway (options, offload metadata, not IPv4) are left for
+// the locked path to drop.
+func (p *Port) gather(frames []link.Frame, now int64) {
+	p.early = p.early[:0]
+	for i := range frames {
+		e := earlyGo
+		if mayBeFragment(frames[i].Data) {
+			e = p.reassemble(&frames[i], now)
+		}
+		p.early = append(p.early, e)
 	}
-	if dg == nil {
-		d.drop(c, ReasonFragment)
-		return false
+}
+
+// mayBeFragment is the cheap test of gather's fast path: an IPv4 frame
+// with More Fragments or a fragment offset.
+func mayBeFragment(b []byte) bool {
+	return len(b) >= header.EthernetLen+header.IPv4MinLen && b[12] == 0x08 && b[13] == 0x00 &&
+		(b[header.EthernetLen+6]&0x3f != 0 || b[header.EthernetLen+7] != 0)
+}
+
+func (p *Port) reassemble(f *link.Frame, now int64) uint8 {
+	pk := &p.parsed
+	pk.Decode(f.Data)
+	if pk.Kind != header.KindIPv4 || !pk.Fragment || pk.Options || !checkOffload(&f.Offload, pk) {
+		return earlyGo
+	}
+	p.fragMu.Lock()
+	defer p.fragMu.Unlock() // dg is the reassembler's until copied
+	dg, res := p.frag.Add(f.Data[pk.IPOff:pk.End], now)
+	switch {
+	case res == frag.Pending:
+		return earlyHeld
+	case dg == nil:
+		return earlyNoFragment
 	}
 	b := p.alloc(header.EthernetLen + len(dg))
 	if b == nil {
-		d.drop(c, ReasonNoBuffer)
-		return false
+		return earlyNoBuffer
 	}
 	copy(b, f.Data[:header.EthernetLen])
 	copy(b[header.EthernetLen:], dg)
 	f.Data, f.Offload = b, link.Offload{}
-	pk.Decode(b)
-	if pk.Kind != header.KindIPv4 || pk.Fragment {
-		d.drop(c, ReasonFragment)
-		return false
-	}
-	return true
+	return earlyGo
 }

@@ -124,6 +124,11 @@ type discovery struct {
 	mu     sync.Mutex
 	vifs   map[key]*vif    // changed only by Run's goroutine
 	owners map[[4]byte]key // who holds each client IP
+
+	// txMu runs our transactions one at a time: with many vifs at once
+	// (a dom0 starting 80 VMs) concurrent transactions of ours made each
+	// other retry until they gave up, and those vifs never connected.
+	txMu sync.Mutex
 }
 
 type vif struct {
@@ -300,6 +305,11 @@ func (d *discovery) run(ctx context.Context, v *vif) {
 		hotplugDone bool
 		lastBad     string
 		waitingFor  key
+		// A xenstore error (contention, a busy daemon) is retried
+		// after a back-off, not only when the backend changes again:
+		// the toolstack may be waiting for our hotplug-status.
+		failures int
+		retry    <-chan time.Time
 	)
 	drop := func(why string) {
 		if detach != nil {
@@ -315,16 +325,19 @@ func (d *discovery) run(ctx context.Context, v *vif) {
 	}
 	defer drop("vif gone")
 	for {
+		failed := false
 		b, err := d.read(k)
 		switch {
 		case err != nil:
 			logf("vifs: %v: %v", k, err)
+			failed = true
 		case b.gone || b.state == stateClosing || b.state == stateClosed:
 			drop("backend closing")
 			hotplugDone = false
 			if b.state == stateClosed && b.online == "0" {
 				if err := d.remove(k); err != nil {
 					logf("vifs: %v: %v", k, err)
+					failed = true
 				}
 			}
 		default:
@@ -353,6 +366,7 @@ func (d *discovery) run(ctx context.Context, v *vif) {
 			if !hotplugDone {
 				if err := d.connected(k); err != nil {
 					logf("vifs: %v: %v", k, err)
+					failed = true
 					break
 				}
 				hotplugDone = true
@@ -380,10 +394,17 @@ func (d *discovery) run(ctx context.Context, v *vif) {
 			attached.ip, attached.mac = ip, mac
 			logf("vifs: %v: client %v %s attached", k, netip.AddrFrom4(ip), formatMAC(mac))
 		}
+		if failed {
+			failures++
+			retry = time.After(min(50*time.Millisecond<<min(failures, 7), 5*time.Second))
+		} else {
+			failures, retry = 0, nil
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-v.poke:
+		case <-retry:
 		}
 	}
 }
@@ -404,6 +425,8 @@ func (d *discovery) open(ctx context.Context, k key) (link.Link, error) {
 // in a transaction that first checks that the backend directory still
 // exists: a plain write would recreate a directory the toolstack removed.
 func (d *discovery) connected(k key) error {
+	d.txMu.Lock()
+	defer d.txMu.Unlock()
 	err := d.cfg.XS.Transaction(func(tx *xenstore.Tx) error {
 		if _, err := tx.Read(k.dir()); err != nil {
 			return err
@@ -423,6 +446,8 @@ func (d *discovery) connected(k key) error {
 // cleans it up (libxl__device_destroy).
 func (d *discovery) remove(k key) error {
 	removed := false
+	d.txMu.Lock()
+	defer d.txMu.Unlock()
 	err := d.cfg.XS.Transaction(func(tx *xenstore.Tx) error {
 		removed = false
 		st, err := tx.Read(k.dir() + "/state")

@@ -333,3 +333,83 @@ func TestParseAddrs(t *testing.T) {
 		}
 	}
 }
+
+// Many vifs at once (dom0 starting VMs in bulk): every one gets its
+// hotplug-status. Before, their concurrent transactions made each other
+// retry until some gave up, and those VMs never got a network.
+func TestManyVifsAtOnce(t *testing.T) {
+	e := start(t, time.Hour)
+	var dirs []string
+	for i := range 80 {
+		e.links.create(fmt.Sprintf("vif%d.0", 10+i))
+	}
+	for i := range 80 {
+		dirs = append(dirs, e.addVif(10+i, 0, fmt.Sprintf("10.137.1.%d", 10+i), mac))
+	}
+	// As netback does, each backend goes Connected once its
+	// hotplug-status is there: writes that land while other vifs'
+	// transactions are open.
+	for i, dir := range dirs {
+		e.waitHotplugFor(dir, 30*time.Second)
+		e.s.Write(dir+"/state", "4")
+		e.expectPrefix(fmt.Sprintf("add 10.137.1.%d ", 10+i))
+	}
+}
+
+// expectPrefix is expect for a call that starts with want; calls for
+// other vifs may come in any order, so it skips those.
+func (e *env) expectPrefix(want string) {
+	e.t.Helper()
+	for {
+		select {
+		case got := <-e.att.calls:
+			if strings.HasPrefix(got, want) {
+				return
+			}
+			e.att.calls <- got // another vif's, later
+		case <-time.After(30 * time.Second): // a hang guard
+			e.t.Fatalf("no attacher call %q", want)
+		}
+	}
+}
+
+// waitHotplugFor is waitHotplug with a guard against a hang: a vif whose
+// hotplug-status never comes fails the test instead.
+func (e *env) waitHotplugFor(dir string, limit time.Duration) {
+	e.t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c := e.s.Client()
+		defer c.Close()
+		ch, cancel, err := c.Watch(dir, "hp")
+		if err != nil {
+			return
+		}
+		defer cancel()
+		for range ch {
+			if v, _ := e.s.Read(dir + "/hotplug-status"); v == "connected" {
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+		if v, _ := e.s.Read(dir + "/hotplug-status"); v != "connected" {
+			e.t.Fatalf("%s: hotplug-status %q", dir, v)
+		}
+	case <-time.After(limit):
+		e.t.Fatalf("%s: no hotplug-status after %v", dir, limit)
+	}
+}
+
+// A transaction that keeps failing (xenstored busy) is retried after a
+// back-off, without waiting for the backend to change: the toolstack is
+// waiting for hotplug-status and changes nothing meanwhile.
+func TestHotplugRetriedAfterContention(t *testing.T) {
+	e := start(t, time.Hour)
+	e.links.create("vif9.0")
+	e.s.FailCommits(100) // three Transaction calls' worth of retries, and more
+	dir := e.addVif(9, 0, "10.137.0.9", mac)
+	e.waitHotplugFor(dir, 30*time.Second)
+}
