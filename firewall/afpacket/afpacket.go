@@ -87,6 +87,10 @@ type Config struct {
 	// traffic, deserves more).
 	Budget *Budget
 	Weight int
+	// Reserved links are always admitted by the Budget, which keeps room
+	// for one (the uplink); others are refused with ErrBudget when it has
+	// none left.
+	Reserved bool
 	// Logf receives rare events (errors that cost frames, with
 	// exponential back-off). Default: discard.
 	Logf func(format string, args ...any)
@@ -217,7 +221,10 @@ func Open(ifname string, cfg Config) (*Link, error) {
 	l.rx.slot = vnetHdrLen + cfg.FrameSize
 	l.rxWant.Store(int32(cfg.BatchSize))
 	if cfg.Budget != nil {
-		cfg.Budget.join(l)
+		if err := cfg.Budget.join(l); err != nil {
+			l.file.Close()
+			return nil, fmt.Errorf("open %s: %w", ifname, err)
+		}
 	}
 	l.initRx(int(l.rxWant.Load()))
 	l.initTx()

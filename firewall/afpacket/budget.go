@@ -1,6 +1,7 @@
 package afpacket
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -78,12 +79,43 @@ func (b *Budget) String() string {
 		len(b.links), slots>>10, b.slots>>10, queues>>10, b.queues>>10)
 }
 
-// join adds l and rebalances; leave removes it.
-func (b *Budget) join(l *Link) {
+// ErrBudget is returned by Open for a link its Budget has no room for.
+var ErrBudget = errors.New("memory budget exhausted: no room for another link")
+
+// admitSlots is the receive memory, in slots, a Budget must be able to give
+// every link, a new one included, or it refuses the new one: a client VM
+// that cannot attach is better than a VM whose kernel must kill PID 1.
+// The arenas (perLink) count in the shares but not here: they are
+// allocated on first use and most links never fill theirs, so the slot
+// floor with one slot to spare is the limit (25 clients at 32 MB, 68 at
+// 64 MB; TestClientsPerVMSize).
+const admitSlots = minBatch + 1
+
+// join adds l and rebalances, or refuses l when the budget cannot give
+// every link admitSlots slots; leave removes it.
+//
+// A link opened with Config.Reserved (the uplink, without which no client
+// has a use) is always admitted, and while none is open the others leave
+// room for one.
+func (b *Budget) join(l *Link) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	need := len(b.links) + 1
+	if !l.cfg.Reserved {
+		need++ // room for a reserved link, unless one is open
+		for o := range b.links {
+			if o.cfg.Reserved {
+				need--
+				break
+			}
+		}
+		if need*admitSlots*l.rx.slot > b.slots {
+			return fmt.Errorf("%w (%d links, %d KiB of receive slots)", ErrBudget, len(b.links), b.slots>>10)
+		}
+	}
 	b.links[l] = Share{}
 	b.rebalanceLocked()
+	return nil
 }
 
 func (b *Budget) leave(l *Link) {

@@ -1,6 +1,7 @@
 package afpacket
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -87,10 +88,24 @@ func TestBudget(t *testing.T) {
 	c2.Close()
 	want(up, 16, 3*(4<<20)/4/4)
 	want(c1, 8, (4<<20)/4/4)
-	small := NewBudget(0, 0, slot)
-	l := openIn(t, fw, "f1", Config{Budget: small})
-	_ = l
+	small := NewBudget(admitSlots*slot, 0, slot)
+	openIn(t, fw, "f1", Config{Budget: small, Reserved: true})
 	if s := small.Shares()["f1"]; s.Batch != minBatch || s.SocketBuffer != minSocketBuffer {
-		t.Fatalf("share of an empty budget %+v, want the floors", s)
+		t.Fatalf("share of a tiny budget %+v, want the floors", s)
+	}
+	// No room for a second link: refused, not squeezed below the floor
+	// (a reserved one is always let in).
+	err := inNetns(fw, func() error {
+		l, err := Open("f2", Config{Budget: small})
+		if err == nil {
+			l.Close()
+		}
+		return err
+	})
+	if !errors.Is(err, ErrBudget) {
+		t.Fatalf("a link beyond the budget: %v, want ErrBudget", err)
+	}
+	if len(small.Shares()) != 1 {
+		t.Fatalf("the refused link is in the budget: %v", small.Shares())
 	}
 }

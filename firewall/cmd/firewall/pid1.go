@@ -267,7 +267,7 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 // largest part.
 func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) {
 	b := linkBudget(total, logf)
-	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4})
+	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4, Reserved: true})
 	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
 }
 
