@@ -22,6 +22,7 @@ import (
 	"strings"
 	"text/template"
 
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/regfile"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 	salttemplates "github.com/qubes-go-firewall/qubes-go-firewall/salt"
 )
@@ -255,7 +256,7 @@ func WriteTree(out string, o Options, src Source) error {
 // might change after it was hashed.
 func copyHashed(root *os.Root, name, dst string) ([32]byte, error) {
 	var sum [32]byte
-	in, err := root.Open(name)
+	in, err := regfile.OpenIn(root, name)
 	if err != nil {
 		return sum, err
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	"github.com/sigstore/sigstore/pkg/signature"
 
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/regfile"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 )
 
@@ -109,7 +110,7 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 // ReadBounded reads a whole file, refusing one larger than limit without
 // reading more than limit+1 bytes of it.
 func ReadBounded(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := regfile.Open(path)
 	if err != nil {
 		return nil, err
 	}

@@ -28,6 +28,8 @@ import (
 	"slices"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/regfile"
 )
 
 // MaxSize bounds how much of a sums file is read; a real one is a few lines.
@@ -162,7 +164,7 @@ func ReadFile(path string) (*File, error) {
 // readBounded reads a whole file, refusing files larger than limit without
 // reading past limit+1 bytes.
 func readBounded(path string, limit int64) ([]byte, error) {
-	fh, err := os.Open(path)
+	fh, err := regfile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read sums: %w", err)
 	}
@@ -236,7 +238,7 @@ func (f *File) sort() {
 // reader block or run forever; a file that grows while it is hashed is an
 // error rather than a digest of an unknown prefix.
 func HashFile(path string) ([32]byte, error) {
-	fh, err := os.Open(path)
+	fh, err := regfile.Open(path)
 	if err != nil {
 		return [32]byte{}, fmt.Errorf("hash: %w", err)
 	}
@@ -395,7 +397,7 @@ func hashIn(root *os.Root, dir, name string) ([32]byte, error) {
 	if err := CheckName(name); err != nil {
 		return [32]byte{}, err
 	}
-	fh, err := root.Open(name)
+	fh, err := regfile.OpenIn(root, name)
 	if err != nil {
 		return [32]byte{}, fmt.Errorf("hash: %w", err)
 	}

@@ -61,6 +61,9 @@ func TestSaltRefusals(t *testing.T) {
 			verifyWrite(t, filepath.Join(dist, "SHA256SUMS"), string(b)+strings.Repeat("0", 64)+"  extra\n")
 		}, []string{"--key", pub}, exitBadSig, "signature does not verify"},
 		{"missing artifact", func(t *testing.T) { os.Remove(filepath.Join(dist, "initramfs")) }, nil, exitMissingFile, "no such file"},
+		{"FIFO artifact", func(t *testing.T) { mkfifo(t, filepath.Join(dist, "initramfs")) }, nil, exitMalformed, "not a regular file (a FIFO)"},
+		{"FIFO sums", func(t *testing.T) { mkfifo(t, filepath.Join(dist, "SHA256SUMS")) }, nil, exitMalformed, "not a regular file (a FIFO)"},
+		{"FIFO signature", func(t *testing.T) { mkfifo(t, filepath.Join(dist, "SHA256SUMS.sig")) }, []string{"--key", pub}, exitMalformed, "not a regular file (a FIFO)"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -74,7 +77,7 @@ func TestSaltRefusals(t *testing.T) {
 			}
 			out := filepath.Join(t.TempDir(), "tree")
 			args := append([]string{"salt", "--from", dist, "--out", out}, c.args...)
-			code, stdout, stderr := verifyRun(t, args...)
+			code, stdout, stderr := runGuarded(t, args...)
 			if code != c.code || !strings.Contains(stderr, c.msg) {
 				t.Fatalf("exit %d (want %d), stderr lacks %q:\n%s%s", code, c.code, c.msg, stdout, stderr)
 			}

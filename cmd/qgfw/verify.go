@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/regfile"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/salt"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sign"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
@@ -245,7 +246,13 @@ func runVerify(src sign.Sums, args []string) *verifyReport {
 		rep.err = withCode(exitMissingFile, fmt.Errorf("verify: %d of %d files listed in %s are missing", counts[sums.Missing], len(results), src.Path))
 	case counts[sums.Failed] > 0:
 		rep.Verdict = "error"
-		rep.err = withCode(exitFailure, fmt.Errorf("verify: %d of %d files could not be checked", counts[sums.Failed], len(results)))
+		code := exitFailure
+		for _, r := range results {
+			if r.Status == sums.Failed && errors.Is(r.Err, regfile.ErrNotRegular) {
+				code, rep.Verdict = exitMalformed, "malformed" // a FIFO, device or directory where a file belongs
+			}
+		}
+		rep.err = withCode(code, fmt.Errorf("verify: %d of %d files could not be checked", counts[sums.Failed], len(results)))
 	default:
 		rep.Verdict = "ok"
 	}
@@ -353,7 +360,7 @@ func trustExitCode(err error) int {
 		return exitBadSig
 	case errors.Is(err, salt.ErrMismatch):
 		return exitMismatch
-	case errors.Is(err, sign.ErrMalformed), errors.Is(err, sign.ErrKeyType), errors.As(err, &pe):
+	case errors.Is(err, sign.ErrMalformed), errors.Is(err, sign.ErrKeyType), errors.As(err, &pe), errors.Is(err, regfile.ErrNotRegular):
 		return exitMalformed
 	case errors.Is(err, fs.ErrNotExist):
 		return exitMissingFile

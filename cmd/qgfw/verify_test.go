@@ -10,7 +10,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 )
@@ -172,6 +174,16 @@ func TestVerifyRefusals(t *testing.T) {
 		{"huge sums", func(t *testing.T, alt string) {
 			verifyWrite(t, filepath.Join(alt, "SHA256SUMS"), strings.Repeat(string(sums), 1<<20/len(sums)+1))
 		}, []string{"ALT"}, exitMalformed, "larger than"},
+		// Special files must not hang the tool (a FIFO blocks the reader
+		// until someone writes to it): refused before a byte is read.
+		{"FIFO artifact", func(t *testing.T, alt string) { mkfifo(t, filepath.Join(alt, "vmlinuz")) },
+			[]string{"--key", pub, "ALT"}, exitMalformed, "not a regular file (a FIFO)"},
+		{"FIFO sums", func(t *testing.T, alt string) { mkfifo(t, filepath.Join(alt, "SHA256SUMS")) },
+			[]string{"--key", pub, "ALT"}, exitMalformed, "not a regular file (a FIFO)"},
+		{"FIFO signature", func(t *testing.T, alt string) { mkfifo(t, filepath.Join(alt, "SHA256SUMS.sig")) },
+			[]string{"--key", pub, "ALT"}, exitMalformed, "not a regular file (a FIFO)"},
+		{"FIFO key", func(t *testing.T, alt string) { mkfifo(t, filepath.Join(alt, "fifo.pub")) },
+			[]string{"--key", "ALT/fifo.pub", "ALT"}, exitMalformed, "not a regular file (a FIFO)"},
 		{"sig without key", nil, []string{"--sig", "x", "ALT"}, exitUsage, "--sig needs --key"},
 		{"bad release name", nil, []string{"--release", "../../etc", "ALT"}, exitUsage, "want vMAJOR"},
 	}
@@ -188,7 +200,7 @@ func TestVerifyRefusals(t *testing.T) {
 			for _, a := range c.args {
 				args = append(args, strings.ReplaceAll(a, "ALT", alt))
 			}
-			code, out, stderr := verifyRun(t, args...)
+			code, out, stderr := runGuarded(t, args...)
 			if code != c.code || !strings.Contains(out+stderr, c.msg) {
 				t.Fatalf("exit %d (want %d), output lacks %q:\n%s%s", code, c.code, c.msg, out, stderr)
 			}
@@ -274,5 +286,35 @@ func TestKeygenSignRefusals(t *testing.T) {
 	t.Setenv(passwordEnv, verifyTestPassword)
 	if code, _, stderr := verifyRun(t, "sign", "--force", "--key", filepath.Join(dir, "rsa.pem"), sums); code != exitMalformed || !strings.Contains(stderr, "wrong key type") {
 		t.Fatalf("RSA key: %d %s", code, stderr)
+	}
+}
+
+func mkfifo(t *testing.T, path string) {
+	t.Helper()
+	os.Remove(path)
+	if err := syscall.Mkfifo(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runGuarded is verifyRun that fails the test instead of hanging it when
+// the command blocks (on a FIFO, say).
+func runGuarded(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	type res struct {
+		code        int
+		out, stderr string
+	}
+	done := make(chan res, 1)
+	go func() {
+		code, out, stderr := verifyRun(t, args...)
+		done <- res{code, out, stderr}
+	}()
+	select {
+	case r := <-done:
+		return r.code, r.out, r.stderr
+	case <-time.After(30 * time.Second): // a hang guard, not a timing assertion
+		t.Fatalf("qgfw %s still running after 30 s (blocked?)", strings.Join(args, " "))
+		return 0, "", ""
 	}
 }
