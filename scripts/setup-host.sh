@@ -4,7 +4,8 @@
 set -eu
 
 pkgs="iproute2 dnsmasq-base iperf3 nftables podman runc qemu-system-x86 debootstrap
-uidmap slirp4netns fuse-overlayfs iputils-ping socat openssl cpio mmdebstrap jq"
+uidmap slirp4netns fuse-overlayfs iputils-ping socat openssl cpio mmdebstrap jq
+python3 python3-yaml"
 
 missing=""
 for p in $pkgs; do

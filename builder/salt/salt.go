@@ -53,6 +53,10 @@ var vmName = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9_-]{0,30}$`)
 // Jinja ({{ {% {#) or a shell could read specially.
 var kerneloptsChars = regexp.MustCompile(`^[A-Za-z0-9 =.,:_/+-]*$`)
 
+// labelChars is what a name shown in a comment of the states may hold:
+// printable ASCII without YAML's comment, quoting and flow characters.
+var labelChars = regexp.MustCompile(`^[A-Za-z0-9 ._/()+:=@-]{1,256}$`)
+
 // Options are the settings of the firewall VM.
 type Options struct {
 	Name            string   // VM name, also the kernel directory name
@@ -149,8 +153,11 @@ func Render(o Options, files []File, sumsSource string) (map[string][]byte, erro
 			return nil, fmt.Errorf("render: bad artifact %q sha256 %q", f.Name, f.Sum)
 		}
 	}
-	if strings.ContainsAny(sumsSource, "\n\r{}%#") {
-		return nil, fmt.Errorf("render: unusable sums source name %q", sumsSource)
+	if !labelChars.MatchString(sumsSource) {
+		// A path the user chose: YAML breaks lines at U+0085, U+2028
+		// and U+2029 too, so anything but plain ASCII could end the
+		// comment and start a state. The comment loses the name.
+		sumsSource = "the sums file qgfw verified (its path has other characters)"
 	}
 	if o.NetVM == "none" {
 		o.NetVM = ""
@@ -165,6 +172,11 @@ func Render(o Options, files []File, sumsSource string) (map[string][]byte, erro
 		var b bytes.Buffer
 		if err := tmpl.ExecuteTemplate(&b, file, d); err != nil {
 			return nil, fmt.Errorf("render %s: %w", file, err)
+		}
+		// Defence in depth: the states are printable ASCII and newlines,
+		// whatever a future field lets through.
+		if i := bytes.IndexFunc(b.Bytes(), func(r rune) bool { return r != '\n' && (r < ' ' || r > '~') }); i >= 0 {
+			return nil, fmt.Errorf("render %s: a character outside printable ASCII at byte %d", file, i)
 		}
 		out[name] = b.Bytes()
 	}
