@@ -21,6 +21,12 @@ done); do
 		execs=$(grep -o 'execs: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
 		secs=$(echo "$t" | tr -d 's')
 		echo "fuzz-smoke: $pkg $fn: ok, ${execs:-0} execs in $t ($(( ${execs:-0} / secs ))/s)"
+	elif grep -qx '    context deadline exceeded' "$log" && ! grep -q 'Failing input written to' "$log" && ! grep -q '^panic:' "$log"; then
+		# Go's fuzz coordinator (go1.26.x) can report its own -fuzztime
+		# deadline as a failure when a worker is mid-execution at that
+		# moment (golang/go#75804, fixed in go1.27): no input failed and
+		# none was written. Not a finding; the run still counts.
+		echo "fuzz-smoke: $pkg $fn: ok (the coordinator's deadline race, golang/go#75804; no failing input)"
 	else
 		echo "fuzz-smoke: $pkg $fn: FAILED"; cat "$log"; status=1
 	fi
