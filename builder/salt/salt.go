@@ -122,6 +122,10 @@ func (o Options) Validate() error {
 		if c == o.Name {
 			return fmt.Errorf("--clients: %q is the firewall itself", c)
 		}
+		if c == o.NetVM {
+			// Its netvm would be the firewall, whose netvm it is: a loop.
+			return fmt.Errorf("--clients: %q is the firewall's --netvm (a loop)", c)
+		}
 		if seen[c] {
 			return fmt.Errorf("--clients: %q given twice", c)
 		}

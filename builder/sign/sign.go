@@ -21,8 +21,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math/big"
 	"os"
+	"slices"
 
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	"github.com/sigstore/sigstore/pkg/signature"
@@ -48,7 +50,19 @@ var (
 	ErrKeyType = errors.New("wrong key type (want ECDSA P-256)")
 	// ErrWrongPassword: the private key could not be decrypted.
 	ErrWrongPassword = errors.New("cannot decrypt private key (wrong password?)")
+	// ErrNoSignature: the signature or the public key to check it with
+	// does not exist — nothing vouches for the sums (not the same as a
+	// missing artifact).
+	ErrNoSignature = errors.New("signature or key missing")
 )
+
+// missing marks a file that is not there as ErrNoSignature.
+func missing(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %w", ErrNoSignature, err)
+	}
+	return err
+}
 
 // GenerateKeyPair creates a P-256 key pair and returns the private key
 // encrypted with password and the public key, both PEM. An empty password is
@@ -168,7 +182,7 @@ func ParsePublicKey(data []byte) (*ecdsa.PublicKey, error) {
 func ReadPublicKey(path string) (*ecdsa.PublicKey, error) {
 	data, err := ReadBounded(path, MaxKeySize)
 	if err != nil {
-		return nil, fmt.Errorf("public key: %w", err)
+		return nil, fmt.Errorf("public key: %w", missing(err))
 	}
 	key, err := ParsePublicKey(data)
 	if err != nil {
@@ -234,21 +248,27 @@ func Sign(key *ecdsa.PrivateKey, message []byte) ([]byte, error) {
 	return []byte(base64.StdEncoding.EncodeToString(der)), nil
 }
 
-// ParseSignature decodes signature file content: standard base64 (one
-// optional trailing newline) of an ASN.1 DER ECDSA signature with nothing
-// after it. It returns the DER bytes.
+// ParseSignature decodes signature file content: standard base64 of an
+// ASN.1 DER ECDSA signature with nothing after it, on one line or wrapped
+// (as `base64` wraps at 76 columns), with an optional final newline. It
+// returns the DER bytes.
 func ParseSignature(data []byte) ([]byte, error) {
 	if len(data) > MaxSignatureSize {
 		return nil, fmt.Errorf("signature: %w: larger than %d bytes", ErrMalformed, MaxSignatureSize)
 	}
-	text := bytes.TrimSuffix(data, []byte("\n"))
+	// Lines of base64 joined: line breaks only between characters, no
+	// blank lines, no carriage returns or other white space.
+	lines := bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n"))
+	text := bytes.Join(lines, nil)
 	if len(text) == 0 {
 		return nil, fmt.Errorf("signature: %w: empty", ErrMalformed)
 	}
 	der := make([]byte, base64.StdEncoding.DecodedLen(len(text)))
 	n, err := base64.StdEncoding.Strict().Decode(der, text)
-	if err != nil || bytes.ContainsAny(text, "\r\n") {
-		return nil, fmt.Errorf("signature: %w: not a single line of standard base64", ErrMalformed)
+	// (Strict decoding still skips CR and LF: refuse them, and blank
+	// lines, here.)
+	if err != nil || bytes.ContainsAny(text, "\r") || slices.ContainsFunc(lines, func(l []byte) bool { return len(l) == 0 }) {
+		return nil, fmt.Errorf("signature: %w: not standard base64 (one line, or lines as base64 wraps them)", ErrMalformed)
 	}
 	der = der[:n]
 	var rs struct{ R, S *big.Int }
@@ -306,7 +326,7 @@ func (s Sums) LoadRaw() (f *sums.File, data, sig []byte, err error) {
 		}
 		sig, err = ReadBounded(s.Signature, MaxSignatureSize)
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("signature: %w", err)
+			return nil, nil, nil, fmt.Errorf("signature: %w", missing(err))
 		}
 		der, err := ParseSignature(sig)
 		if err != nil {

@@ -189,7 +189,9 @@ func TestRefusals(t *testing.T) {
 		{name: "flipped signature bit", sig: base64.StdEncoding.EncodeToString(flipped), want: ErrBadSignature},
 		{name: "signature not base64", sig: "!!!!", want: ErrMalformed},
 		{name: "signature CRLF", sig: string(sig) + "\r\n", want: ErrMalformed},
-		{name: "signature two lines", sig: string(sig[:10]) + "\n" + string(sig[10:]), want: ErrMalformed},
+		// As `base64` writes it: wrapped at 76 columns.
+		{name: "signature wrapped at 76 columns", sig: wrap76(strings.TrimSuffix(string(sig), "\n")) + "\n"},
+		{name: "signature with a blank line", sig: string(sig[:10]) + "\n\n" + string(sig[10:]), want: ErrMalformed},
 		{name: "signature trailing DER", sig: base64.StdEncoding.EncodeToString(append(bytes.Clone(der), 0)), want: ErrMalformed},
 		{name: "empty signature", sig: "\n", want: ErrMalformed},
 		{name: "huge signature", sig: strings.Repeat("A", 1<<20), want: ErrMalformed},
@@ -306,4 +308,14 @@ func FuzzParseKeys(f *testing.F) {
 			t.Fatal("accepted a non-P-256 private key")
 		}
 	})
+}
+
+func wrap76(s string) string {
+	var b strings.Builder
+	for len(s) > 76 {
+		b.WriteString(s[:76] + "\n")
+		s = s[76:]
+	}
+	b.WriteString(s)
+	return b.String()
 }

@@ -14,6 +14,7 @@ const (
 	exitMissingFile = 5
 	exitMalformed   = 6
 	exitNoSpace     = 7
+	exitNoSignature = 8
 )
 
 // codedError carries the exit code a command wants for an error.

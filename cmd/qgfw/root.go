@@ -49,7 +49,8 @@ Exit codes:
   4  bad signature: SHA256SUMS is not signed by the given key
   5  missing file: an artifact listed in SHA256SUMS is absent
   6  malformed input: a sums file, signature or key that cannot be parsed
-  7  not enough free disk space to build`,
+  7  not enough free disk space to build
+  8  no signature: the signature or the key to check it is missing`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

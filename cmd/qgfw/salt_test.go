@@ -54,6 +54,7 @@ func TestSaltRefusals(t *testing.T) {
 		{"bad memory", nil, []string{"--memory", "8"}, exitUsage, "--memory"},
 		{"non-numeric memory", nil, []string{"--memory", "64M"}, exitUsage, "invalid argument"},
 		{"bad client", nil, []string{"--clients", "work,{{x}}"}, exitUsage, "--clients"},
+		{"netvm among the clients", nil, []string{"--netvm", "sys-net", "--clients", "work,sys-net"}, exitUsage, "a loop"},
 		{"tampered artifact", func(t *testing.T) { verifyWrite(t, filepath.Join(dist, "vmlinuz"), "evil") },
 			[]string{"--key", pub}, exitMismatch, "does not match"},
 		{"tampered sums", func(t *testing.T) {

@@ -211,7 +211,7 @@ func runVerify(src sign.Sums, args []string) *verifyReport {
 	rep := &verifyReport{Sums: src.Path, Signature: sigReport{Checked: src.Key != "", Path: src.Signature, Key: src.Key}, Files: []fileReport{}}
 	fail := func(err error) *verifyReport {
 		code := trustExitCode(err)
-		rep.Verdict = map[int]string{exitBadSig: "bad-signature", exitMalformed: "malformed", exitMissingFile: "missing"}[code]
+		rep.Verdict = map[int]string{exitBadSig: "bad-signature", exitMalformed: "malformed", exitMissingFile: "missing", exitNoSignature: "no-signature"}[code]
 		if rep.Verdict == "" {
 			rep.Verdict = "error"
 		}
@@ -358,6 +358,8 @@ func trustExitCode(err error) int {
 	switch {
 	case errors.Is(err, sign.ErrBadSignature):
 		return exitBadSig
+	case errors.Is(err, sign.ErrNoSignature):
+		return exitNoSignature
 	case errors.Is(err, salt.ErrMismatch):
 		return exitMismatch
 	case errors.Is(err, sign.ErrMalformed), errors.Is(err, sign.ErrKeyType), errors.As(err, &pe), errors.Is(err, regfile.ErrNotRegular):

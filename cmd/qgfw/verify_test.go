@@ -162,7 +162,8 @@ func TestVerifyRefusals(t *testing.T) {
 		{"truncated signature", func(t *testing.T, alt string) { verifyWrite(t, filepath.Join(alt, "SHA256SUMS.sig"), string(sig[:20])) },
 			[]string{"--key", pub, "ALT"}, exitMalformed, "malformed"},
 		{"missing signature", func(t *testing.T, alt string) { os.Remove(filepath.Join(alt, "SHA256SUMS.sig")) },
-			[]string{"--key", pub, "ALT"}, exitMissingFile, "no such file"},
+			[]string{"--key", pub, "ALT"}, exitNoSignature, "signature or key missing"},
+		{"missing key", nil, []string{"--key", "ALT/nonexistent.pub", "ALT"}, exitNoSignature, "signature or key missing"},
 		{"non-PEM key", func(t *testing.T, alt string) { verifyWrite(t, filepath.Join(alt, "bad.pub"), "not a key\n") },
 			[]string{"--key", "ALT/bad.pub", "ALT"}, exitMalformed, "not PEM"},
 		{"sums with absolute path", func(t *testing.T, alt string) {
