@@ -13,8 +13,11 @@ package sign
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdh"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/rsa"
 	"encoding/asn1"
 	"encoding/base64"
 	"encoding/pem"
@@ -170,7 +173,7 @@ func ParsePublicKey(data []byte) (*ecdsa.PublicKey, error) {
 	}
 	ec, ok := key.(*ecdsa.PublicKey)
 	if !ok {
-		return nil, fmt.Errorf("public key: %w: got %T", ErrKeyType, key)
+		return nil, fmt.Errorf("public key: %w: got %s", ErrKeyType, keyKind(key))
 	}
 	if ec.Curve != elliptic.P256() {
 		return nil, fmt.Errorf("public key: %w: curve %s", ErrKeyType, ec.Curve.Params().Name)
@@ -199,8 +202,7 @@ func ParsePrivateKey(data, password []byte) (*ecdsa.PrivateKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("private key: %w", err)
 	}
-	encrypted := block.Type == string(cryptoutils.EncryptedSigstorePrivateKeyPEMType) ||
-		block.Type == "ENCRYPTED COSIGN PRIVATE KEY" || block.Type == "ENCRYPTED PRIVATE KEY"
+	encrypted := isEncrypted(block.Type)
 	if encrypted && len(password) == 0 {
 		return nil, fmt.Errorf("private key: %w: empty password", ErrWrongPassword)
 	}
@@ -213,12 +215,44 @@ func ParsePrivateKey(data, password []byte) (*ecdsa.PrivateKey, error) {
 	}
 	ec, ok := key.(*ecdsa.PrivateKey)
 	if !ok {
-		return nil, fmt.Errorf("private key: %w: got %T", ErrKeyType, key)
+		return nil, fmt.Errorf("private key: %w: got %s", ErrKeyType, keyKind(key))
 	}
 	if ec.Curve != elliptic.P256() {
 		return nil, fmt.Errorf("private key: %w: curve %s", ErrKeyType, ec.Curve.Params().Name)
 	}
 	return ec, nil
+}
+
+// keyKind names a key's algorithm for a message (not its Go type).
+func keyKind(key any) string {
+	switch key.(type) {
+	case *rsa.PublicKey, *rsa.PrivateKey:
+		return "an RSA key"
+	case ed25519.PublicKey, ed25519.PrivateKey:
+		return "an Ed25519 key"
+	case *ecdh.PublicKey, *ecdh.PrivateKey:
+		return "an X25519/ECDH key"
+	}
+	return "a key of another kind"
+}
+
+// PrivateKeyEncrypted reports whether the private key file at path is
+// encrypted (and so needs a password).
+func PrivateKeyEncrypted(path string) (bool, error) {
+	data, err := ReadBounded(path, MaxKeySize)
+	if err != nil {
+		return false, fmt.Errorf("private key: %w", err)
+	}
+	block, err := singlePEM(data)
+	if err != nil {
+		return false, fmt.Errorf("private key %s: %w", path, err)
+	}
+	return isEncrypted(block.Type), nil
+}
+
+func isEncrypted(pemType string) bool {
+	return pemType == string(cryptoutils.EncryptedSigstorePrivateKeyPEMType) ||
+		pemType == "ENCRYPTED COSIGN PRIVATE KEY" || pemType == "ENCRYPTED PRIVATE KEY"
 }
 
 // ReadPrivateKey reads (bounded) and decrypts a private key file.

@@ -25,7 +25,8 @@ bytes with the ECDSA P-256 private key (SHA-256), checks the signature with
 the key's public half and writes base64 of the DER signature — the format of
 cosign sign-blob; openssl verifies it after base64 -d.
 
-The key's password comes from $` + passwordEnv + ` or a terminal prompt.`,
+An encrypted key's password comes from $` + passwordEnv + ` or a terminal
+prompt; an unencrypted key (e.g. made by openssl) needs none.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.key == "" {
@@ -36,9 +37,16 @@ The key's password comes from $` + passwordEnv + ` or a terminal prompt.`,
 			if out == "" {
 				out = sumsPath + ".sig"
 			}
-			pw, err := readPassword(cmd, false)
+			// A password only for a key that has one.
+			enc, err := sign.PrivateKeyEncrypted(o.key)
 			if err != nil {
-				return withCode(exitUsage, fmt.Errorf("sign: %w", err))
+				return withCode(trustExitCode(err), fmt.Errorf("sign: %w", err))
+			}
+			var pw []byte
+			if enc {
+				if pw, err = readPassword(cmd, false); err != nil {
+					return withCode(exitUsage, fmt.Errorf("sign: %w", err))
+				}
 			}
 			if err := sign.SignFile(sumsPath, o.key, pw, out, o.force); err != nil {
 				return withCode(trustExitCode(err), err)

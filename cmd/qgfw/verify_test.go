@@ -285,8 +285,19 @@ func TestKeygenSignRefusals(t *testing.T) {
 	}
 	verifyWrite(t, filepath.Join(dir, "rsa.pem"), string(rsaPEM))
 	t.Setenv(passwordEnv, verifyTestPassword)
-	if code, _, stderr := verifyRun(t, "sign", "--force", "--key", filepath.Join(dir, "rsa.pem"), sums); code != exitMalformed || !strings.Contains(stderr, "wrong key type") {
-		t.Fatalf("RSA key: %d %s", code, stderr)
+	if code, _, stderr := verifyRun(t, "sign", "--force", "--key", filepath.Join(dir, "rsa.pem"), sums); code != exitMalformed || !strings.Contains(stderr, "wrong key type") ||
+		!strings.Contains(stderr, "an RSA key") || strings.Contains(stderr, "*rsa.") {
+		t.Fatalf("RSA key (the message names the algorithm, not a Go type): %d %s", code, stderr)
+	}
+	// An unencrypted key (openssl's PKCS#8) signs without a password:
+	// none in the environment, no terminal.
+	plain := filepath.Join(dir, "plain.pem")
+	if out, err := exec.Command("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", plain).CombinedOutput(); err != nil {
+		t.Fatalf("openssl genpkey: %v %s", err, out)
+	}
+	os.Unsetenv(passwordEnv)
+	if code, _, stderr := verifyRun(t, "sign", "--force", "--key", plain, sums); code != 0 {
+		t.Fatalf("unencrypted key without a password: %d %s", code, stderr)
 	}
 }
 
