@@ -1,42 +1,56 @@
 package sign
 
 import (
-	"os"
-	"path/filepath"
+	"io/fs"
+	"path"
+	"strings"
 	"testing"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/checksums"
 )
 
-// TestPublishedReleases checks every release committed under
-// checksums/releases against the committed release key: a tampered sums
-// file, a wrong signature or a rotated key without re-signing fails here
-// before a user's `qgfw verify --release` would.
+// TestPublishedReleases checks every release built into qgfw (package
+// checksums: the repository's checksums/) against the key it names: a
+// tampered sums file, a wrong signature, a key file whose name is not its
+// fingerprint or a rotated key without re-signing fails here before a
+// user's `qgfw verify --release` would.
 func TestPublishedReleases(t *testing.T) {
-	root := filepath.Join("..", "..", "checksums")
-	dirs, err := filepath.Glob(filepath.Join(root, "releases", "v*"))
-	if err != nil {
-		t.Fatal(err)
+	rels, err := fs.Glob(checksums.FS, "releases/v*")
+	if err != nil || len(rels) == 0 {
+		t.Fatalf("no releases built in (%v)", err)
 	}
-	if len(dirs) == 0 {
-		t.Skip("no releases published yet")
-	}
-	for _, dir := range dirs {
-		s := Sums{
-			Path:      filepath.Join(dir, "SHA256SUMS"),
-			Signature: filepath.Join(dir, "SHA256SUMS.sig"),
-			Key:       filepath.Join(root, "release-key.pub"),
+	for _, rel := range rels {
+		fp, err := fs.ReadFile(checksums.FS, path.Join(rel, "key"))
+		if err != nil {
+			t.Errorf("%s: %v", rel, err)
+			continue
 		}
+		s := Sums{FS: checksums.FS, Path: path.Join(rel, "SHA256SUMS"), Signature: path.Join(rel, "SHA256SUMS.sig"),
+			Key: "keys/" + strings.TrimSpace(string(fp)) + ".pub"}
 		f, err := s.Load()
 		if err != nil {
-			t.Errorf("release %s: %v", filepath.Base(dir), err)
+			t.Errorf("release %s: %v", rel, err)
 			continue
+		}
+		if got, err := s.KeyFingerprint(); err != nil || got != strings.TrimSpace(string(fp)) {
+			t.Errorf("release %s: key %s has fingerprint %s (%v)", rel, s.Key, got, err)
 		}
 		for _, want := range []string{"initramfs", "vmlinuz"} {
 			if _, ok := f.Lookup(want); !ok {
-				t.Errorf("release %s: no sum for %s", filepath.Base(dir), want)
+				t.Errorf("release %s: no sum for %s", rel, want)
 			}
 		}
 	}
-	if _, err := os.Stat(filepath.Join(root, "release-key.pub")); err != nil {
-		t.Fatal(err)
+	keys, _ := fs.Glob(checksums.FS, "keys/*.pub")
+	for _, k := range keys {
+		data, _ := fs.ReadFile(checksums.FS, k)
+		pub, err := ParsePublicKey(data)
+		if err != nil {
+			t.Errorf("%s: %v", k, err)
+			continue
+		}
+		if fp, _ := Fingerprint(pub); "keys/"+fp+".pub" != k {
+			t.Errorf("%s is named for another key (its fingerprint is %s)", k, fp)
+		}
 	}
 }

@@ -18,8 +18,11 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/asn1"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -336,6 +339,49 @@ type Sums struct {
 	Path      string // the SHA256SUMS file
 	Signature string // its detached signature; used when Key is set
 	Key       string // PEM public key; "" = do not check a signature
+	// FS, when set, holds the three files (the release data built into
+	// qgfw); the names are paths in it. Otherwise they are on disk.
+	FS fs.FS
+}
+
+// read reads name from s.FS or the disk, bounded.
+func (s Sums) read(name string, limit int64) ([]byte, error) {
+	if s.FS == nil {
+		return ReadBounded(name, limit)
+	}
+	data, err := fs.ReadFile(s.FS, name)
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(data)) > limit {
+		return nil, fmt.Errorf("read %s: %w: larger than %d bytes", name, ErrMalformed, limit)
+	}
+	return data, nil
+}
+
+// KeyFingerprint is the Fingerprint of s.Key.
+func (s Sums) KeyFingerprint() (string, error) {
+	kd, err := s.read(s.Key, MaxKeySize)
+	if err != nil {
+		return "", fmt.Errorf("public key: %w", missing(err))
+	}
+	key, err := ParsePublicKey(kd)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", s.Key, err)
+	}
+	return Fingerprint(key)
+}
+
+// Fingerprint names a public key: the SHA-256 of its DER
+// SubjectPublicKeyInfo, in hex — what checksums/keys/<fingerprint>.pub is
+// called, and `openssl pkey -pubin -outform DER | sha256sum` prints.
+func Fingerprint(pub *ecdsa.PublicKey) (string, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", fmt.Errorf("fingerprint: %w", err)
+	}
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:]), nil
 }
 
 // Load reads the sums file once (bounded); when a key is given it checks
@@ -349,16 +395,20 @@ func (s Sums) Load() (*sums.File, error) {
 // LoadRaw is Load that also returns the exact bytes of the sums file and
 // of the signature (nil without a key) that were checked.
 func (s Sums) LoadRaw() (f *sums.File, data, sig []byte, err error) {
-	data, err = ReadBounded(s.Path, sums.MaxSize)
+	data, err = s.read(s.Path, sums.MaxSize)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("sums file: %w", err)
 	}
 	if s.Key != "" {
-		key, err := ReadPublicKey(s.Key)
+		kd, err := s.read(s.Key, MaxKeySize)
 		if err != nil {
-			return nil, nil, nil, err
+			return nil, nil, nil, fmt.Errorf("public key: %w", missing(err))
 		}
-		sig, err = ReadBounded(s.Signature, MaxSignatureSize)
+		key, err := ParsePublicKey(kd)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("%s: %w", s.Key, err)
+		}
+		sig, err = s.read(s.Signature, MaxSignatureSize)
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("signature: %w", missing(err))
 		}

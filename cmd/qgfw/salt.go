@@ -32,10 +32,11 @@ func newSaltCmd() *cobra.Command {
   OUT/<name>/SHA256SUMS   the sums file they were checked against (+ .sig)
 
 It reads SHA256SUMS (default: the one in --from; with --release the signed
-one in checksums/releases/vX.Y.Z/, checked against checksums/release-key.pub;
-with --key, its signature), copies vmlinuz and initramfs into the tree while
-hashing the copied bytes, and refuses (exit 3) if a digest differs. The
-source_hash values it writes are the digests it computed.`,
+release sums built into qgfw, checked with the release key built in, or
+those of --checksums-dir if given; with --key, its signature), copies
+vmlinuz and initramfs into the tree while hashing the copied bytes, and
+refuses (exit 3) if a digest differs. The source_hash values it writes are
+the digests it computed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.vm.Validate(); err != nil {
@@ -44,6 +45,7 @@ source_hash values it writes are the digests it computed.`,
 			if o.out == "" {
 				return withCode(exitUsage, errors.New("salt: --out is required"))
 			}
+			o.trust.warn = cmd.ErrOrStderr()
 			src, err := o.sumsSource()
 			if err != nil {
 				return withCode(exitUsage, fmt.Errorf("salt: %w", err))
@@ -78,7 +80,7 @@ source_hash values it writes are the digests it computed.`,
 	f.StringVar(&o.trust.key, "key", "", "public key that must have signed the sums file")
 	f.StringVar(&o.trust.sig, "sig", "", "signature of the sums file (default: SUMS.sig; needs --key)")
 	f.StringVar(&o.trust.release, "release", "", "check against the published, signed release vX.Y.Z in checksums/")
-	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
+	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "OVERRIDE: trust the keys and release sums in this directory instead of those built into qgfw")
 	f.StringVar(&o.vm.Name, "name", o.vm.Name, "VM name (also the kernel directory under /var/lib/qubes/vm-kernels/)")
 	f.StringVar(&o.vm.Label, "label", o.vm.Label, "VM label colour")
 	f.IntVar(&o.vm.Memory, "memory", o.vm.Memory, "VM memory in MB (memory = maxmem)")

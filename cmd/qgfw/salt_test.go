@@ -93,14 +93,7 @@ func TestSaltRelease(t *testing.T) {
 	dir := verifyFixture(t)
 	dist := filepath.Join(dir, "dist")
 	cs := filepath.Join(dir, "checksums")
-	rel := filepath.Join(cs, "releases", "v0.1.0")
-	os.MkdirAll(rel, 0o755)
-	for _, f := range []string{"SHA256SUMS", "SHA256SUMS.sig"} {
-		b, _ := os.ReadFile(filepath.Join(dist, f))
-		verifyWrite(t, filepath.Join(rel, f), string(b))
-	}
-	b, _ := os.ReadFile(filepath.Join(dir, "k.pub"))
-	verifyWrite(t, filepath.Join(cs, "release-key.pub"), string(b))
+	releaseTree(t, cs, "v0.1.0", dist, filepath.Join(dir, "k.pub"))
 	out := filepath.Join(dir, "tree")
 	if code, stdout, stderr := verifyRun(t, "salt", "--checksums-dir", cs, "--release", "v0.1.0", "--from", dist, "--out", out); code != exitOK {
 		t.Fatalf("salt --release: %d\n%s%s", code, stdout, stderr)

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/qubes-go-firewall/qubes-go-firewall/checksums"
 	"io"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -20,8 +24,8 @@ import (
 
 // Layout of checksums/ (see its README).
 const (
-	releaseKeyFile = "release-key.pub"
-	releasesDir    = "releases"
+	keysDir     = "keys"
+	releasesDir = "releases"
 )
 
 // releaseVersion is what --release accepts; it also keeps the version from
@@ -41,6 +45,7 @@ type trustOptions struct {
 	key          string
 	release      string
 	checksumsDir string
+	warn         io.Writer // where --checksums-dir is announced (stderr)
 }
 
 // source validates the flags and returns where the sums file, signature
@@ -51,7 +56,8 @@ func (o *trustOptions) source(defaultSums func() string) (sign.Sums, error) {
 		if o.sums != "" || o.sig != "" || o.key != "" {
 			return sign.Sums{}, errors.New("--release takes the sums file, signature and key from checksums/; do not combine it with --sums, --sig or --key")
 		}
-		return releaseSums(o.checksumsDir, o.release)
+		s, _, err := releaseSums(o.checksumsDir, o.release, o.warn)
+		return s, err
 	}
 	if o.sig != "" && o.key == "" {
 		return sign.Sums{}, errors.New("--sig needs --key: a signature is only worth something against a key you trust")
@@ -79,19 +85,34 @@ With a directory, every file listed in SHA256SUMS must be in it. With files,
 each is looked up by its base name. --sums defaults to SHA256SUMS next to the
 artifacts, --sig to the sums file with ".sig" appended.
 
---release vX.Y.Z takes SHA256SUMS and SHA256SUMS.sig from
-checksums/releases/vX.Y.Z/ and the key from checksums/` + releaseKeyFile + `;
-checksums/ is looked up from the working directory upwards unless
---checksums-dir names it.
+--release vX.Y.Z checks against that release's SHA256SUMS, signature and
+key as built into this qgfw (the repository's checksums/ when qgfw was
+built), never files found on disk: a download cannot vouch for itself. If
+the directory holds a SHA256SUMS of its own, it must be the release's. It
+prints the signing key's fingerprint. --checksums-dir DIR replaces the
+built-in release data by DIR (laid out like checksums/), and says so.
 
-Exit codes: 0 all good, 3 hash mismatch, 4 bad signature, 5 missing file,
-6 malformed sums file, signature or key.`,
+Exit codes: 0 all good, 3 hash mismatch, 4 bad signature, 5 missing
+artifact, 6 malformed sums file, signature or key (or a FIFO, device or
+directory where a file belongs), 8 signature or key missing.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			o.trust.warn = cmd.ErrOrStderr()
 			src, err := o.sumsSource(args)
 			if err != nil {
 				return withCode(exitUsage, fmt.Errorf("verify: %w", err))
 			}
-			rep := runVerify(src, args)
+			var rep *verifyReport
+			if o.trust.release != "" {
+				// Before any hash: a download's own sums that are not the
+				// release's are a signature failure, whatever its files.
+				if err := downloadedSums(src, args); err != nil {
+					rep = &verifyReport{Sums: src.Path, Files: []fileReport{}, Signature: sigReport{Checked: true, Path: src.Signature, Key: src.Key, BuiltIn: src.FS != nil},
+						Verdict: "bad-signature", Error: err.Error(), err: withCode(exitBadSig, fmt.Errorf("verify: %w", err))}
+				}
+			}
+			if rep == nil {
+				rep = runVerify(src, args)
+			}
 			if o.json {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -108,8 +129,8 @@ Exit codes: 0 all good, 3 hash mismatch, 4 bad signature, 5 missing file,
 	f.StringVar(&o.trust.sums, "sums", "", "SHA256SUMS file (default: next to the artifacts)")
 	f.StringVar(&o.trust.sig, "sig", "", "detached signature of the sums file (default: SUMS.sig; needs --key)")
 	f.StringVar(&o.trust.key, "key", "", "public key (PEM) that must have signed the sums file")
-	f.StringVar(&o.trust.release, "release", "", "verify against the published release vX.Y.Z in checksums/")
-	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "the repository's checksums/ directory (default: found from the working directory upwards)")
+	f.StringVar(&o.trust.release, "release", "", "verify against the published release vX.Y.Z built into qgfw")
+	f.StringVar(&o.trust.checksumsDir, "checksums-dir", "", "OVERRIDE: trust the keys and release sums in this directory instead of those built into qgfw")
 	f.BoolVar(&o.json, "json", false, "print the report as JSON")
 	return cmd
 }
@@ -131,49 +152,53 @@ func (o *verifyOptions) sumsSource(args []string) (sign.Sums, error) {
 	})
 }
 
-// releaseSums returns the published sums, signature and key of version.
-func releaseSums(checksumsDir, version string) (sign.Sums, error) {
+// releaseSums returns the published sums, signature and key of version:
+// from the trust root built into qgfw (package checksums), or, only when
+// --checksums-dir names one, from that directory on disk — which then
+// decides what is trusted, so it is announced on stderr.
+func releaseSums(checksumsDir, version string, warn io.Writer) (sign.Sums, string, error) {
 	if !releaseVersion.MatchString(version) {
-		return sign.Sums{}, fmt.Errorf("release %q: want vMAJOR.MINOR.PATCH", version)
+		return sign.Sums{}, "", fmt.Errorf("release %q: want vMAJOR.MINOR.PATCH", version)
 	}
-	dir, err := findChecksumsDir(checksumsDir)
+	rel := path.Join(releasesDir, version)
+	var fsys fs.FS = checksums.FS
+	where := "built into qgfw"
+	if checksumsDir != "" {
+		if !verifyIsDir(checksumsDir) {
+			return sign.Sums{}, "", fmt.Errorf("checksums dir %s: not a directory", checksumsDir)
+		}
+		fmt.Fprintf(warn, "WARNING: --checksums-dir %s: trusting the keys and release sums in that directory, not those built into qgfw\n", checksumsDir)
+		fsys, where = os.DirFS(checksumsDir), checksumsDir
+	}
+	if st, err := fs.Stat(fsys, rel); err != nil || !st.IsDir() {
+		return sign.Sums{}, "", fmt.Errorf("release %s: no directory %s in the release data %s", version, rel, where)
+	}
+	fp, err := fs.ReadFile(fsys, path.Join(rel, "key"))
 	if err != nil {
-		return sign.Sums{}, err
+		return sign.Sums{}, "", fmt.Errorf("release %s: which key signed it: %w", version, err)
 	}
-	rel := filepath.Join(dir, releasesDir, version)
-	if !verifyIsDir(rel) {
-		return sign.Sums{}, fmt.Errorf("release %s: no directory %s", version, rel)
+	name := strings.TrimSpace(string(fp))
+	if !keyFingerprint.MatchString(name) {
+		return sign.Sums{}, "", fmt.Errorf("release %s: key %q: want a SHA-256 fingerprint in hex", version, name)
 	}
-	return sign.Sums{
-		Path:      filepath.Join(rel, "SHA256SUMS"),
-		Signature: filepath.Join(rel, "SHA256SUMS.sig"),
-		Key:       filepath.Join(dir, releaseKeyFile),
-	}, nil
+	s := sign.Sums{
+		Path:      path.Join(rel, "SHA256SUMS"),
+		Signature: path.Join(rel, "SHA256SUMS.sig"),
+		Key:       path.Join(keysDir, name+".pub"),
+	}
+	if checksumsDir == "" {
+		s.FS = fsys
+	} else {
+		// On disk through the checks every user-named file gets.
+		for _, p := range []*string{&s.Path, &s.Signature, &s.Key} {
+			*p = filepath.Join(checksumsDir, filepath.FromSlash(*p))
+		}
+	}
+	return s, where, nil
 }
 
-// findChecksumsDir returns dir if given, else the first checksums/ holding
-// the release key in the working directory or one of its parents.
-func findChecksumsDir(dir string) (string, error) {
-	if dir != "" {
-		if !verifyIsDir(dir) {
-			return "", fmt.Errorf("checksums dir %s: not a directory", dir)
-		}
-		return dir, nil
-	}
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("find checksums dir: %w", err)
-	}
-	for d := wd; ; d = filepath.Dir(d) {
-		c := filepath.Join(d, "checksums")
-		if _, err := os.Stat(filepath.Join(c, releaseKeyFile)); err == nil {
-			return c, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("no checksums/%s in %s or its parents; use --checksums-dir", releaseKeyFile, wd)
-		}
-	}
-}
+// keyFingerprint is what a release's key file holds.
+var keyFingerprint = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 func verifyIsDir(p string) bool {
 	st, err := os.Stat(p)
@@ -191,10 +216,12 @@ type verifyReport struct {
 }
 
 type sigReport struct {
-	Checked  bool   `json:"checked"`  // a key was given
-	Verified bool   `json:"verified"` // and the signature verified with it
-	Path     string `json:"path,omitempty"`
-	Key      string `json:"key,omitempty"`
+	Checked     bool   `json:"checked"`  // a key was given
+	Verified    bool   `json:"verified"` // and the signature verified with it
+	Path        string `json:"path,omitempty"`
+	Key         string `json:"key,omitempty"`
+	Fingerprint string `json:"key_fingerprint,omitempty"` // SHA-256 of the key's DER SubjectPublicKeyInfo
+	BuiltIn     bool   `json:"built_in,omitempty"`        // the release data built into qgfw
 }
 
 type fileReport struct {
@@ -208,7 +235,7 @@ type fileReport struct {
 
 // runVerify checks the signature (if any), then every artifact.
 func runVerify(src sign.Sums, args []string) *verifyReport {
-	rep := &verifyReport{Sums: src.Path, Signature: sigReport{Checked: src.Key != "", Path: src.Signature, Key: src.Key}, Files: []fileReport{}}
+	rep := &verifyReport{Sums: src.Path, Signature: sigReport{Checked: src.Key != "", Path: src.Signature, Key: src.Key, BuiltIn: src.FS != nil}, Files: []fileReport{}}
 	fail := func(err error) *verifyReport {
 		code := trustExitCode(err)
 		rep.Verdict = map[int]string{exitBadSig: "bad-signature", exitMalformed: "malformed", exitMissingFile: "missing", exitNoSignature: "no-signature"}[code]
@@ -224,6 +251,11 @@ func runVerify(src sign.Sums, args []string) *verifyReport {
 		return fail(err)
 	}
 	rep.Signature.Verified = rep.Signature.Checked
+	if rep.Signature.Checked {
+		if rep.Signature.Fingerprint, err = src.KeyFingerprint(); err != nil {
+			return fail(err)
+		}
+	}
 	results, err := checkArtifacts(f, args, filepath.Dir(src.Path))
 	if err != nil {
 		return fail(err)
@@ -317,8 +349,10 @@ func (rep *verifyReport) writeText(w io.Writer) {
 	switch {
 	case !rep.Signature.Checked:
 		fmt.Fprintf(w, "signature  NOT CHECKED (no --key): %s proves nothing on its own\n", rep.Sums)
+	case rep.Signature.Verified && rep.Signature.BuiltIn:
+		fmt.Fprintf(w, "signature  OK       %s, built into qgfw (key SHA256:%s)\n", rep.Signature.Path, rep.Signature.Fingerprint)
 	case rep.Signature.Verified:
-		fmt.Fprintf(w, "signature  OK       %s (key %s)\n", rep.Signature.Path, rep.Signature.Key)
+		fmt.Fprintf(w, "signature  OK       %s (key %s, SHA256:%s)\n", rep.Signature.Path, rep.Signature.Key, rep.Signature.Fingerprint)
 	case rep.Verdict == "bad-signature":
 		fmt.Fprintf(w, "signature  BAD      %s (key %s)\n", rep.Signature.Path, rep.Signature.Key)
 	default:
@@ -369,4 +403,29 @@ func trustExitCode(err error) int {
 	default:
 		return exitFailure
 	}
+}
+
+// downloadedSums: with --release, a SHA256SUMS that came with the
+// download must be the release's own (a hostile download ships sums and a
+// key of its own, and those must not pass for the release's).
+func downloadedSums(src sign.Sums, args []string) error {
+	if len(args) != 1 || !verifyIsDir(args[0]) {
+		return nil
+	}
+	name := filepath.Join(args[0], "SHA256SUMS")
+	theirs, err := regfile.ReadBounded(name, sums.MaxSize)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	_, ours, _, err := src.LoadRaw()
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(theirs, ours) {
+		return fmt.Errorf("%s is not the release's SHA256SUMS (%s): it is not signed by a release key (%w)", name, src.Path, sign.ErrBadSignature)
+	}
+	return nil
 }

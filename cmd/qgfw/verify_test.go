@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sign"
 )
 
 const verifyTestPassword = "test password"
@@ -210,10 +212,12 @@ func TestVerifyRefusals(t *testing.T) {
 	}
 }
 
-func TestVerifyRelease(t *testing.T) {
-	dir := verifyFixture(t)
-	dist := filepath.Join(dir, "dist")
-	rel := filepath.Join(dir, "repo", "checksums", "releases", "v1.2.3")
+// releaseTree lays out a checksums/ directory (keys/<fingerprint>.pub,
+// releases/<version>/{SHA256SUMS,SHA256SUMS.sig,key}) with dist's signed
+// sums as release version, signed by the key pub.
+func releaseTree(t *testing.T, cs, version, dist, pub string) {
+	t.Helper()
+	rel := filepath.Join(cs, "releases", version)
 	if err := os.MkdirAll(rel, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -221,31 +225,62 @@ func TestVerifyRelease(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(dist, f))
 		verifyWrite(t, filepath.Join(rel, f), string(b))
 	}
-	b, _ := os.ReadFile(filepath.Join(dir, "k.pub"))
-	verifyWrite(t, filepath.Join(dir, "repo", "checksums", "release-key.pub"), string(b))
-	// Found from a subdirectory of the repository.
-	sub := filepath.Join(dir, "repo", "cmd")
-	os.Mkdir(sub, 0o755)
-	t.Chdir(sub)
-	if code, out, stderr := verifyRun(t, "verify", "--release", "v1.2.3", dist); code != exitOK {
-		t.Fatalf("release: %d\n%s%s", code, out, stderr)
+	b, _ := os.ReadFile(pub)
+	k, err := sign.ParsePublicKey(b)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if code, _, stderr := verifyRun(t, "verify", "--release", "v9.9.9", dist); code != exitUsage || !strings.Contains(stderr, "no directory") {
-		t.Fatalf("unknown release: %d %s", code, stderr)
+	fp, _ := sign.Fingerprint(k)
+	os.MkdirAll(filepath.Join(cs, "keys"), 0o755)
+	verifyWrite(t, filepath.Join(cs, "keys", fp+".pub"), string(b))
+	verifyWrite(t, filepath.Join(rel, "key"), fp+"\n")
+}
+
+func TestVerifyRelease(t *testing.T) {
+	dir := verifyFixture(t)
+	dist := filepath.Join(dir, "dist")
+	cs := filepath.Join(dir, "repo", "checksums")
+	releaseTree(t, cs, "v1.2.3", dist, filepath.Join(dir, "k.pub"))
+	// --checksums-dir replaces the built-in release data, loudly.
+	code, out, stderr := verifyRun(t, "verify", "--checksums-dir", cs, "--release", "v1.2.3", dist)
+	if code != exitOK || !strings.Contains(stderr, "WARNING: --checksums-dir") || !strings.Contains(out, "SHA256:") {
+		t.Fatalf("release from --checksums-dir: %d\n%s%s", code, out, stderr)
+	}
+	// A checksums/ next to the working directory is never used: v1.2.3
+	// is not built in.
+	t.Chdir(filepath.Join(dir, "repo"))
+	if code, _, stderr := verifyRun(t, "verify", "--release", "v1.2.3", dist); code != exitUsage || !strings.Contains(stderr, "built into qgfw") {
+		t.Fatalf("a release only on disk: %d %s", code, stderr)
 	}
 	// A release signed by some other key fails.
 	t.Chdir(dir)
 	other := filepath.Join(dir, "other")
-	os.MkdirAll(filepath.Join(other, "releases", "v1.2.3"), 0o755)
-	if code, _, _ := verifyRun(t, "keygen", "--key", filepath.Join(dir, "o.pem"), "--pub", filepath.Join(other, "release-key.pub")); code != 0 {
+	if code, _, _ := verifyRun(t, "keygen", "--key", filepath.Join(dir, "o.pem"), "--pub", filepath.Join(dir, "o.pub")); code != 0 {
 		t.Fatal("keygen")
 	}
-	for _, f := range []string{"SHA256SUMS", "SHA256SUMS.sig"} {
-		b, _ := os.ReadFile(filepath.Join(dist, f))
-		verifyWrite(t, filepath.Join(other, "releases", "v1.2.3", f), string(b))
-	}
+	releaseTree(t, other, "v1.2.3", dist, filepath.Join(dir, "o.pub"))
 	if code, _, stderr := verifyRun(t, "verify", "--checksums-dir", other, "--release", "v1.2.3", dist); code != exitBadSig {
 		t.Fatalf("foreign key: %d %s", code, stderr)
+	}
+}
+
+// TestVerifyHostileDownload: a download that ships its own checksums/ (its
+// own key, its own signed sums of its own artifacts), verified from inside
+// it as a user would. Before, --release found that checksums/ and said OK.
+func TestVerifyHostileDownload(t *testing.T) {
+	dir := verifyFixture(t) // dist/: artifacts with sums signed by k.pem
+	dist := filepath.Join(dir, "dist")
+	releaseTree(t, filepath.Join(dist, "checksums"), "v0.1.0", dist, filepath.Join(dir, "k.pub"))
+	t.Chdir(dist)
+	code, out, stderr := verifyRun(t, "verify", "--release", "v0.1.0", ".")
+	if code != exitBadSig || !strings.Contains(stderr, "not the release's SHA256SUMS") {
+		t.Fatalf("hostile download: exit %d (want %d)\n%s%s", code, exitBadSig, out, stderr)
+	}
+	// Without its own SHA256SUMS the artifacts meet the real release's
+	// sums, signed by the built-in key, and do not match.
+	os.Remove(filepath.Join(dist, "SHA256SUMS"))
+	if code, out, stderr := verifyRun(t, "verify", "--release", "v0.1.0", "."); code != exitMismatch || !strings.Contains(out, "built into qgfw (key SHA256:") {
+		t.Fatalf("artifacts against the built-in release: exit %d\n%s%s", code, out, stderr)
 	}
 }
 
