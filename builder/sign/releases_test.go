@@ -2,7 +2,9 @@ package sign
 
 import (
 	"io/fs"
+	"os/exec"
 	"path"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -39,6 +41,24 @@ func TestPublishedReleases(t *testing.T) {
 			if _, ok := f.Lookup(want); !ok {
 				t.Errorf("release %s: no sum for %s", rel, want)
 			}
+		}
+		// The commit it was built from, whose tree says it builds
+		// exactly these sums: `git checkout $(cat .../commit)` and a
+		// build must reproduce them.
+		c, err := fs.ReadFile(checksums.FS, path.Join(rel, "commit"))
+		commit := strings.TrimSpace(string(c))
+		if err != nil || !regexp.MustCompile(`^[0-9a-f]{40}$`).MatchString(commit) {
+			t.Errorf("release %s: no source commit (%v): %q", rel, err, c)
+			continue
+		}
+		if exec.Command("git", "-C", "../..", "rev-parse", "--git-dir").Run() != nil {
+			t.Logf("not a git checkout: the commit of %s is not checked", rel)
+			continue
+		}
+		built, err := exec.Command("git", "-C", "../..", "show", commit+":checksums/SHA256SUMS").Output()
+		want, _ := fs.ReadFile(checksums.FS, path.Join(rel, "SHA256SUMS"))
+		if err != nil || string(built) != string(want) {
+			t.Errorf("release %s: commit %s's checksums/SHA256SUMS is not the release's (%v):\n%s", rel, commit, err, built)
 		}
 	}
 	keys, _ := fs.Glob(checksums.FS, "keys/*.pub")
