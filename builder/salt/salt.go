@@ -143,12 +143,32 @@ type data struct {
 	Files      []File
 	Start      bool // clients and the default netvm need a running firewall
 	SumsSource string
+	KeyLines   []string // the PEM public key the signature must verify with; none: unsigned
 }
+
+// pemLine is what a line of a PEM public key may hold, and so all that
+// reaches the state's shell from the key.
+var pemLine = regexp.MustCompile(`^(-----(BEGIN|END) PUBLIC KEY-----|[A-Za-z0-9+/=]{1,76})$`)
 
 // Render fills the templates and returns the state tree's text files by
 // relative path: "<name>.top" and "<name>/init.sls". files are the
 // artifacts with their digests; sumsSource is named in a comment.
 func Render(o Options, files []File, sumsSource string) (map[string][]byte, error) {
+	return RenderSigned(o, files, sumsSource, nil)
+}
+
+// RenderSigned is Render for sums signed with the PEM public key pub: the
+// state checks that signature in dom0 too (nil: no signature check).
+func RenderSigned(o Options, files []File, sumsSource string, pub []byte) (map[string][]byte, error) {
+	var keyLines []string
+	if pub != nil {
+		keyLines = strings.Split(strings.TrimSpace(string(pub)), "\n")
+		for _, l := range keyLines {
+			if !pemLine.MatchString(l) {
+				return nil, fmt.Errorf("render: the public key is not a plain PEM public key (line %q)", l)
+			}
+		}
+	}
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
@@ -166,7 +186,7 @@ func Render(o Options, files []File, sumsSource string) (map[string][]byte, erro
 	if o.NetVM == "none" {
 		o.NetVM = ""
 	}
-	d := data{Options: o, Files: files, Start: len(o.Clients) > 0 || o.SetDefaultNetVM, SumsSource: sumsSource}
+	d := data{Options: o, Files: files, Start: len(o.Clients) > 0 || o.SetDefaultNetVM, SumsSource: sumsSource, KeyLines: keyLines}
 	tmpl, err := template.New("").Option("missingkey=error").ParseFS(salttemplates.Templates, "*.tmpl")
 	if err != nil {
 		return nil, fmt.Errorf("render: %w", err)
@@ -195,6 +215,9 @@ type Source struct {
 	// Extra files copied verbatim into <name>/ so that dom0 can re-check
 	// them (e.g. SHA256SUMS and SHA256SUMS.sig), by base name.
 	Extra map[string][]byte
+	// PublicKey (PEM) signed Sums: the state checks SHA256SUMS.sig (in
+	// Extra) with it in dom0. Nil: the sums were not signed.
+	PublicKey []byte
 }
 
 // WriteTree writes the state tree into out, which must not exist or be an
@@ -243,7 +266,10 @@ func WriteTree(out string, o Options, src Source) error {
 		}
 		files = append(files, File{Name: name, Sum: hex.EncodeToString(got[:])})
 	}
-	rendered, err := Render(o, files, src.Label)
+	if src.PublicKey != nil && (src.Extra["SHA256SUMS"] == nil || src.Extra["SHA256SUMS.sig"] == nil) {
+		return errors.New("write salt tree: a public key without SHA256SUMS and SHA256SUMS.sig to check in dom0")
+	}
+	rendered, err := RenderSigned(o, files, src.Label, src.PublicKey)
 	if err != nil {
 		return err
 	}

@@ -218,9 +218,20 @@ func checkTree(t *testing.T, o Options, tree map[string][]byte, dist string) {
 				if kv["netvm"] != o.Name || !slices.Contains(o.Clients, kv["name"].(string)) {
 					t.Errorf("%s: %v", id, kv)
 				}
-			case "file.managed":
-				hashes[filepath.Base(kv["name"].(string))] = kv["source_hash"].(string)
-			case "file.directory", "cmd.run":
+			case "cmd.run":
+				if id == o.Name+"-install" {
+					script, _ := kv["name"].(string)
+					for _, n := range []string{"vmlinuz", "initramfs"} {
+						if i := strings.Index(script, " "+n); i >= 65 {
+							hashes[n] = "sha256=" + script[i-64:i]
+						}
+					}
+					req := fmt.Sprint(kv["require"])
+					if req != "[map[file:"+o.Name+"-kernel-dir]]" {
+						t.Errorf("%s: require %s", id, req)
+					}
+				}
+			case "file.directory":
 			default:
 				t.Errorf("%s: unexpected state function %s", id, fun)
 			}
@@ -235,7 +246,7 @@ func checkTree(t *testing.T, o Options, tree map[string][]byte, dist string) {
 			t.Fatal(err)
 		}
 		if want := fmt.Sprintf("sha256=%x", sha256.Sum256(b)); hashes[name] != want {
-			t.Errorf("%s: source_hash %q, want %q", name, hashes[name], want)
+			t.Errorf("%s: the install step checks %q, want %q", name, hashes[name], want)
 		}
 		if copied := tree[filepath.Join(o.Name, name)]; !bytes.Equal(copied, b) {
 			t.Errorf("%s: copy in the tree differs", name)

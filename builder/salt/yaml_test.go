@@ -22,7 +22,7 @@ func pyYAMLStates(t *testing.T, docs [][]byte) []map[string][]string {
 		t.Fatal("python3 with python3-yaml is needed (scripts/setup-host.sh installs it)")
 	}
 	in, err := json.Marshal(func() []string {
-		var s []string
+		s := []string{}
 		for _, d := range docs {
 			s = append(s, string(d))
 		}
@@ -63,8 +63,7 @@ json.dump(out, sys.stdout)
 func wantStates(o Options) map[string][]string {
 	w := map[string][]string{
 		o.Name + "-kernel-dir": {"file.directory"},
-		o.Name + "-vmlinuz":    {"file.managed"},
-		o.Name + "-initramfs":  {"file.managed"},
+		o.Name + "-install":    {"cmd.run"},
 		o.Name:                 {"qvm.vm"},
 	}
 	for _, c := range o.Clients {

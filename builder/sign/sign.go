@@ -359,6 +359,18 @@ func (s Sums) read(name string, limit int64) ([]byte, error) {
 	return data, nil
 }
 
+// KeyPEM returns the public key s.Key, checked to be one (PEM).
+func (s Sums) KeyPEM() ([]byte, error) {
+	kd, err := s.read(s.Key, MaxKeySize)
+	if err != nil {
+		return nil, fmt.Errorf("public key: %w", missing(err))
+	}
+	if _, err := ParsePublicKey(kd); err != nil {
+		return nil, fmt.Errorf("%s: %w", s.Key, err)
+	}
+	return kd, nil
+}
+
 // KeyFingerprint is the Fingerprint of s.Key.
 func (s Sums) KeyFingerprint() (string, error) {
 	kd, err := s.read(s.Key, MaxKeySize)

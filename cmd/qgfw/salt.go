@@ -62,7 +62,14 @@ the digests it computed.`,
 			if o.trust.release != "" {
 				label = "the signed release " + o.trust.release + " sums"
 			}
-			if err := salt.WriteTree(o.out, o.vm, salt.Source{Dir: o.from, Sums: f, Label: label, Extra: extra}); err != nil {
+			var pub []byte
+			if src.Key != "" {
+				// dom0 checks the signature again, with this key.
+				if pub, err = src.KeyPEM(); err != nil {
+					return withCode(trustExitCode(err), fmt.Errorf("salt: %w", err))
+				}
+			}
+			if err := salt.WriteTree(o.out, o.vm, salt.Source{Dir: o.from, Sums: f, Label: label, Extra: extra, PublicKey: pub}); err != nil {
 				return withCode(trustExitCode(err), fmt.Errorf("salt: %w", err))
 			}
 			w := cmd.OutOrStdout()
