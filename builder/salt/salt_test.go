@@ -193,7 +193,7 @@ func checkTree(t *testing.T, o Options, tree map[string][]byte, dist string) {
 						t.Errorf("%s: pref %q not accepted by qvm.prefs", id, k)
 					}
 				}
-				want := map[string]any{"kernel": o.Name, "virt-mode": "pvh", "vcpus": 1, "memory": o.Memory,
+				want := map[string]any{"label": o.Label, "include-in-backups": false, "kernel": o.Name, "virt-mode": "pvh", "vcpus": 1, "memory": o.Memory,
 					"maxmem": o.Memory, "provides-network": true, "default_dispvm": "", "audiovm": "", "kernelopts": o.KernelOpts}
 				for k, v := range want {
 					if prefs[k] != v {
