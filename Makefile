@@ -131,6 +131,7 @@ test-netns:
 # The podman driver's integration test against a real podman service.
 test-builder:
 	QGFW_TEST_PODMAN=1 $(GO) test -tags "$(ROOT_TAGS)" -count=1 ./builder/podman/
+	./scripts/test-build-with.sh
 
 # Benchmarks, not part of CI (root): the firewall binary next to Linux
 # kernel forwarding + nftables masquerade in network namespaces (report in
