@@ -87,8 +87,8 @@ var ErrBudget = errors.New("memory budget exhausted: no room for another link")
 // that cannot attach is better than a VM whose kernel must kill PID 1.
 // The arenas (perLink) count in the shares but not here: they are
 // allocated on first use and most links never fill theirs, so the slot
-// floor with one slot to spare is the limit (25 clients at 32 MB, 68 at
-// 64 MB; TestClientsPerVMSize).
+// floor with one slot to spare is the limit (12 clients at 32 MB, 33 at
+// 64 MB with the budget Qubes mode gives; TestClientsPerVMSize).
 const admitSlots = minBatch + 1
 
 // join adds l and rebalances, or refuses l when the budget cannot give
@@ -164,7 +164,12 @@ func (l *Link) setShare(old, s Share) {
 			l.cfg.Logf("%s: socket buffer: %v", l.name, err)
 		}
 	}
-	if int(l.rxWant.Swap(int32(s.Batch))) != s.Batch {
+	// A smaller share is given back at once (the reader is woken); a
+	// larger one is taken at the reader's next frame, so that a link
+	// closing does not make every other link reallocate at that moment
+	// (a netvm change, when the kernel itself needs memory for the new
+	// netfront).
+	if prev := int(l.rxWant.Swap(int32(s.Batch))); s.Batch < prev {
 		_ = l.file.SetReadDeadline(time.Now())
 	}
 }

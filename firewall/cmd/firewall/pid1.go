@@ -271,14 +271,16 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) {
 	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
 }
 
-// linkBudget divides the VM's memory: a quarter for the links' receive
+// linkBudget divides the VM's memory: an eighth for the links' receive
 // slots and the dispatcher's arenas (Go heap, under the runtime's limit of
-// 6/10), a quarter as the most their kernel socket queues may hold; the NAT
-// table takes an eighth (natSize) and the rest is the kernel's, the
-// unpacked initramfs's and the runtime's. TestClientsPerVMSize checks the
+// 6/10), an eighth as the most their kernel socket queues may hold; the NAT
+// table takes another eighth (natSize) and the rest is the kernel's, the
+// unpacked initramfs's and the runtime's. A quarter each ran a 32 MB VM
+// under Xen out of memory during a netvm change, when the kernel sets up
+// the new netfront (make test-xen). TestClientsPerVMSize checks the
 // sizes Qubes users run (32 MB with 10 clients, 64 MB with 30).
 func linkBudget(total int64, logf func(string, ...any)) *afpacket.Budget {
-	slots, queues := int(total/4), int(total/4)
+	slots, queues := int(total/8), int(total/8)
 	logf("link budget: %d KiB of receive slots and arenas, %d KiB of socket queues, shared by all links", slots>>10, queues>>10)
 	return afpacket.NewBudget(slots, queues, dispatch.ArenaSize)
 }
