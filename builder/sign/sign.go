@@ -26,7 +26,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"math/big"
 	"os"
@@ -130,19 +129,11 @@ func WriteNew(path string, data []byte, perm os.FileMode) error {
 // ReadBounded reads a whole file, refusing one larger than limit without
 // reading more than limit+1 bytes of it.
 func ReadBounded(path string, limit int64) ([]byte, error) {
-	f, err := regfile.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	if int64(len(data)) > limit {
+	data, err := regfile.ReadBounded(path, limit)
+	if tl := (regfile.ErrTooLarge{}); errors.As(err, &tl) {
 		return nil, fmt.Errorf("read %s: %w: larger than %d bytes", path, ErrMalformed, limit)
 	}
-	return data, nil
+	return data, err
 }
 
 // singlePEM returns the only PEM block in data, refusing trailing garbage

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesdb/qubesdbtest"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +12,6 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/internal/netnstest"
-	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore/xenstoretest"
 )
 
 // TestXenModeAgainstFakes runs the firewall binary in Qubes mode against
@@ -53,17 +50,7 @@ func TestXenModeAgainstFakes(t *testing.T) {
 	}
 	(&netnstest.Echo{}).Start(t, up, "192.0.2.10:7")
 
-	xs := xenstoretest.NewFakeServer(3)
-	t.Cleanup(xs.Close)
-	xsSock := filepath.Join(dir, "xenstore.sock")
-	l, err := net.Listen("unix", xsSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go xs.Serve(l)
-
-	db := qubesdbtest.NewServer(t.Logf)
-	t.Cleanup(func() { db.Close() })
+	xs, xsSock, db, dbSock := fakeDom0(t)
 	for k, v := range map[string]string{
 		"/qubes-ip": "10.137.0.5", "/qubes-gateway": "10.137.0.1", "/qubes-primary-dns": "10.139.1.1",
 		"/qubes-firewall/10.137.0.30/policy": "drop", "/qubes-firewall/10.137.0.30/0000": "action=accept proto=tcp",
@@ -75,12 +62,6 @@ func TestXenModeAgainstFakes(t *testing.T) {
 	if err := db.Write("/qubes-firewall/10.137.0.30", ""); err != nil {
 		t.Fatal(err)
 	}
-	dbSock := filepath.Join(dir, "qubesdb.sock")
-	dl, err := net.Listen("unix", dbSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go db.ServePeerListener(dl)
 
 	fwProc := netnstest.Start(t, "firewall", fw.Command(context.Background(), bin, "xen", "-xenstore", xsSock, "-qubesdb-peer", dbSock))
 
