@@ -16,6 +16,8 @@
 // Root only, slow (TCG): skipped unless QGFW_XEN_DIST names the directory
 // with the built image; `make test-xen` runs it after scripts/xen/prepare.sh.
 // QGFW_XEN_ROUNDS (default 2) sets how often every scenario runs,
+// QGFW_XEN_ROUND_LIMIT (default 540) the seconds after which dom0 ends a
+// round that still runs (a FAIL naming its last check),
 // QGFW_XEN_MEM (default 32) the firewall's memory in MiB, QGFW_XEN_LOGS
 // where the logs go (default <dist>/xen-logs), QGFW_XEN_CPU the QEMU CPU
 // model (default below; "max,-smap,-smep" reproduces the XSAVE corruption).
@@ -61,6 +63,7 @@ type xenEnv struct {
 	dist, logs, cache string
 	cpu               string
 	rounds, mem       int
+	roundLimit        int // seconds
 	guard             time.Duration
 }
 
@@ -81,10 +84,12 @@ func needXen(t *testing.T) xenEnv {
 		rounds: envInt(t, "QGFW_XEN_ROUNDS", 2),
 		mem:    envInt(t, "QGFW_XEN_MEM", 32),
 		cpu:    envOr("QGFW_XEN_CPU", defaultCPU),
+		// A round takes about 4 minutes under TCG on an idle 2-core
+		// host; dom0 ends one that runs longer than this with a FAIL.
+		roundLimit: envInt(t, "QGFW_XEN_ROUND_LIMIT", 540),
 	}
-	// A round takes about 4 minutes under TCG on an idle 2-core host and
-	// up to twice that on a busy one; the guard only stops a hung run.
-	e.guard = time.Duration(5+10*e.rounds) * time.Minute
+	// The guard stops a run whose dom0 no longer ends its rounds.
+	e.guard = 5*time.Minute + time.Duration(e.rounds)*(time.Duration(e.roundLimit)*time.Second+time.Minute)
 	for _, f := range []string{"kit/xen.elf", "kit/vmlinuz", "qubesdb.current"} {
 		if _, err := os.Stat(filepath.Join(e.cache, f)); err != nil {
 			t.Fatalf("%v: run scripts/xen/prepare.sh first", err)
@@ -146,21 +151,29 @@ func TestXen(t *testing.T) {
 	if !res.done {
 		t.Errorf("dom0 did not finish the scenarios (serial log %s)", serial)
 	}
-	if len(res.failed) > 0 {
+	if len(res.failed) > 0 || !res.done {
 		digest(t, run, res)
 	}
 }
 
 // digest ends a failed run's output with what a reader needs first, since
 // CI may keep only the end of it: the last lines of each guest console of
-// the rounds that failed, dom0's diagnosis, then every FAIL line with its
-// detail.
+// the rounds that failed (or the round that was running when the run
+// stopped), dom0's diagnosis, the last checks a round in progress
+// reported, then every FAIL line with its detail.
 func digest(t *testing.T, run string, res results) {
 	t.Helper()
 	failed := res.failed
 	var rounds []string
 	for _, l := range failed {
 		if m := resultRE.FindStringSubmatch(l); m != nil && !slices.Contains(rounds, m[1]) {
+			rounds = append(rounds, m[1])
+		}
+	}
+	var progress []string
+	if !res.done && len(res.progress) > 0 {
+		progress = res.progress[max(0, len(res.progress)-8):]
+		if m := progressRE.FindStringSubmatch(progress[len(progress)-1]); m != nil && !slices.Contains(rounds, m[1]) {
 			rounds = append(rounds, m[1])
 		}
 	}
@@ -182,6 +195,12 @@ func digest(t *testing.T, run string, res results) {
 	}
 	for _, l := range res.diag {
 		t.Log(l)
+	}
+	for _, l := range progress {
+		t.Logf("last checks of the unfinished round: %s", l)
+	}
+	if !res.done {
+		t.Logf("last serial line: %s", res.last)
 	}
 	for _, l := range failed {
 		t.Log(l)
@@ -222,11 +241,21 @@ type results struct {
 	pass, fail map[key]int
 	failed     []string          // the FAIL lines, in order
 	diag       []string          // what dom0 printed about the failures
+	progress   []string          // checks of rounds in progress (not counted)
 	crashes    map[string]string // console name -> first crash line
+	last       string            // the last line QEMU printed
 	done       bool
 }
 
-var resultRE = regexp.MustCompile(`^QGFW-XEN result (\d+) (\S+) (PASS|FAIL|INFO) (.*)$`)
+var (
+	resultRE   = regexp.MustCompile(`^QGFW-XEN result (\d+) (\S+) (PASS|FAIL|INFO) (.*)$`)
+	progressRE = regexp.MustCompile(`^QGFW-XEN progress (\d+) `)
+)
+
+// silence is how long the serial line may stay quiet: dom0 prints a
+// heartbeat every 15 s, so silence means Xen or dom0 itself hung, and
+// waiting out the guard would only cost time.
+const silence = 3 * time.Minute
 
 // boot runs QEMU with Xen, dom0 and initrd, lets dom0 run the scenarios
 // (spec "ROUNDS:MEM") and collects the results from the serial console,
@@ -234,15 +263,21 @@ var resultRE = regexp.MustCompile(`^QGFW-XEN result (\d+) (\S+) (PASS|FAIL|INFO)
 // log-begin and log-end lines are saved in dir.
 func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	res := results{pass: map[key]int{}, fail: map[key]int{}, crashes: map[string]string{}}
-	ctx, cancel := context.WithTimeout(context.Background(), e.guard)
-	defer cancel()
+	ctx, stop := context.WithTimeout(context.Background(), e.guard)
+	defer stop()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	quiet := time.AfterFunc(silence, func() {
+		cancel(fmt.Errorf("no output from Xen or dom0 for %v (not even dom0's heartbeat): QEMU killed", silence))
+	})
+	defer quiet.Stop()
 	kit := filepath.Join(e.cache, "kit")
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64",
 		"-accel", "tcg,thread=multi", "-cpu", e.cpu, "-smp", "2", "-m", "2048",
 		"-nographic", "-no-reboot", "-nic", "none", "-monitor", "none", "-serial", "stdio",
 		"-kernel", filepath.Join(kit, "xen.elf"),
 		"-append", "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=all guest_loglvl=all console_timestamps=boot",
-		"-initrd", filepath.Join(kit, "vmlinuz")+" console=hvc0 loglevel=4 qgfw.test="+spec+","+initrd)
+		"-initrd", filepath.Join(kit, "vmlinuz")+" console=hvc0 loglevel=4 qgfw.roundlimit="+strconv.Itoa(e.roundLimit)+" qgfw.test="+spec+","+initrd)
 	cmd.Stdin = nil
 	// QEMU dies with the test process, even when go test is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -270,6 +305,8 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := strings.TrimRight(sc.Text(), "\r")
+		quiet.Reset(silence)
+		res.last = line
 		fmt.Fprintln(f, line)
 		i := strings.Index(line, "QGFW-XEN ")
 		if i < 0 {
@@ -312,6 +349,9 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 			continue
 		case strings.HasPrefix(q, "QGFW-XEN heartbeat"):
 			continue
+		case strings.HasPrefix(q, "QGFW-XEN progress "):
+			res.progress = append(res.progress, q)
+			continue
 		case strings.HasPrefix(q, "QGFW-XEN done"):
 			res.done = true
 		}
@@ -334,8 +374,11 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 		logw.Close()
 	}
 	werr := cmd.Wait()
-	if ctx.Err() != nil {
-		return res, fmt.Errorf("QEMU still running after the %v guard: killed", e.guard)
+	if cause := context.Cause(ctx); cause != nil {
+		if cause == context.DeadlineExceeded {
+			return res, fmt.Errorf("QEMU still running after the %v guard: killed", e.guard)
+		}
+		return res, cause
 	}
 	if werr != nil {
 		return res, fmt.Errorf("qemu: %w", werr)

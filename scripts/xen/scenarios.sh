@@ -2,6 +2,8 @@
 # scenarios.sh — the real-Xen scenarios, run in dom0 by /init.
 #
 # Usage: scenarios.sh ROUNDS[:MEMORY]   e.g. "2:32"
+#        (scenarios.sh --round R SPEC runs one round: the main script
+#        starts each round so, under a time limit; see the end)
 #
 # Each round starts the firewall image the way qubesd does (create paused,
 # start Qubes' qubesdb-daemon for it, write the keys, unpause), puts two
@@ -29,6 +31,8 @@
 # "QGFW-XEN con r<round>-<guest> <line>". Timeouts only guard against hangs.
 set -u
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ONE_ROUND=
+if [ "${1:-}" = --round ]; then ONE_ROUND=$2; shift 2; fi
 SPEC=${1:-2:32}
 ROUNDS=${SPEC%%:*}
 MEM=32
@@ -46,6 +50,9 @@ result() { # SCENARIO PASS|FAIL WHAT [DETAIL...]
 	s=$1 v=$2 w=$3; shift 3
 	if [ -n "${ATTEMPT_LOG:-}" ]; then
 		echo "QGFW-XEN result $R $s $v $w $*" >> "$ATTEMPT_LOG"
+		# Held until the attempt ends; shown now as well, so that a
+		# round that hangs still tells how far it got.
+		echo "QGFW-XEN progress $R $s $v $w" | cut -c1-200 >&3
 	else
 		echo "QGFW-XEN result $R $s $v $w $*"
 	fi
@@ -75,15 +82,33 @@ attempt() {
 }
 # CRASH matches what a dying Go program or the kernel prints when PID 1 ends.
 CRASH='fatal error|^panic:|SIGSEGV|Attempted to kill init|unexpected fault address'
+#
+# FWDOM names the firewall domain the checks depend on (empty where it is
+# meant to be gone). When a check fails and that domain no longer exists
+# (under TCG a firewall's kernel has triple-faulted mid-run, and Xen then
+# destroys the domain), the checks after it fail at once, naming that
+# cause, instead of each waiting out its timeout.
+FWDOM= FW_GONE=
 check() { # SCENARIO WHAT CMD... : PASS if CMD succeeds
 	s=$1 w=$2; shift 2
+	if [ -n "$FWDOM" ] && [ "$FW_GONE" = "$FWDOM" ]; then
+		result "$s" FAIL "$w" "not run: the firewall domain $FWDOM is gone"
+		return
+	fi
 	if out=$("$@" 2>&1); then result "$s" PASS "$w" "$(echo "$out" | tail -1 | cut -c1-160)"
-	else result "$s" FAIL "$w" "$(echo "$out" | tail -3 | tr '\n' '|' | cut -c1-300)"; diag "$s"; fi
+	else
+		result "$s" FAIL "$w" "$(echo "$out" | tail -3 | tr '\n' '|' | cut -c1-300)"; diag "$s"
+		if [ -n "$FWDOM" ] && ! xl domid "$FWDOM" >/dev/null 2>&1; then
+			FW_GONE=$FWDOM
+			result "$s" FAIL "firewall domain $FWDOM is gone" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120)"
+		fi
+	fi
 	# A crashed firewall fails everything after it: stop the round there
 	# (its console has the reason) instead of waiting out every check.
 	if grep -Eq "$CRASH" $CON/guest-fw*.log 2>/dev/null; then
-		if [ -n "${ATTEMPT_LOG:-}" ]; then cat "$ATTEMPT_LOG"; ATTEMPT_LOG=; fi
 		result "$s" FAIL "firewall crashed" "$(grep -Eh -m1 "$CRASH" $CON/guest-fw*.log | cut -c1-200)"
+		# Inside an attempt (scenario i), its buffer into the round's.
+		if [ -n "${ROUND_LOG:-}" ] && [ "${ATTEMPT_LOG:-}" != "$ROUND_LOG" ]; then cat "$ATTEMPT_LOG" >> "$ROUND_LOG"; fi
 		exit 1
 	fi
 }
@@ -99,7 +124,7 @@ diag() {
 		for g in c1 c2 c3 nv; do
 			xl domid "$g" >/dev/null 2>&1 || continue
 			# To the guest's console, which follow copies to ours.
-			agent "$g" sh "(echo diag; ip neigh; ip -s link show eth0; ip route; grep -A1 '^Tcp:' /proc/net/snmp) > /dev/console 2>&1" | sed "s/^/$g: /"
+			AG_TRIES=20 agent "$g" sh "(echo diag; ip neigh; ip -s link show eth0; ip route; grep -A1 '^Tcp:' /proc/net/snmp) > /dev/console 2>&1" | sed "s/^/$g: /"
 		done
 		for b in $(xenstore-list /local/domain/"$(xl domid fw 2>/dev/null)"/backend/vif 2>/dev/null); do
 			echo "backend vif/$b: state $(xenstore-read /local/domain/"$(xl domid fw)"/backend/vif/"$b"/0/state 2>&1) hotplug $(xenstore-read /local/domain/"$(xl domid fw)"/backend/vif/"$b"/0/hotplug-status 2>&1)"
@@ -166,10 +191,10 @@ agent() {
 	nf=/tmp/agent-$id.n
 	ag_n=$(($(cat "$nf" 2>/dev/null || echo 0) + 1)); echo $ag_n > "$nf"
 	base=/local/domain/$id/data/qgfw-test
-	xenstore-write "$base/cmd/$ag_n" "$*"
+	timeout 10 xenstore-write "$base/cmd/$ag_n" "$*"
 	ag_i=0
-	while [ $ag_i -lt 120 ]; do
-		if r=$(xenstore-read "$base/result/$ag_n" 2>/dev/null); then
+	while [ $ag_i -lt "${AG_TRIES:-120}" ]; do
+		if r=$(timeout 10 xenstore-read "$base/result/$ag_n" 2>/dev/null); then
 			echo "$r"
 			case $r in ok*) return 0 ;; esac
 			return 1
@@ -194,7 +219,7 @@ agentgrep() {
 }
 # create NAME: xl create /tmp/NAME.cfg, its output shown when it fails.
 create() {
-	xl create "/tmp/$1.cfg" >"/tmp/$1.create" 2>&1 && return 0
+	timeout 120 xl create "/tmp/$1.cfg" >"/tmp/$1.create" 2>&1 && return 0
 	say "xl create $1 failed:"; cat "/tmp/$1.create"; return 1
 }
 
@@ -245,18 +270,21 @@ launch() {
 		else
 			flake "$1" "$2"
 		fi
-		xl destroy "$2" >/dev/null 2>&1
+		timeout 60 xl destroy "$2" >/dev/null 2>&1
 	done
 }
 agentready() { xenstore-read "/local/domain/$(xl domid "$1")/data/qgfw-test/ready" >/dev/null 2>&1; }
 
 # qdb FW KEY VALUE: write to the firewall's QubesDB as qubesd does.
-qdb() { qubesdb-write -d "$1" "$2" "$3"; }
+# Every command that talks to Xen, xenstored or a QubesDB daemon is bounded:
+# one that blocks for good (a write to a VM that died) must fail its check,
+# not hang the round.
+qdb() { timeout 30 qubesdb-write -d "$1" "$2" "$3"; }
 # rules FW IP RULE...: replace a client's rules the way dom0 does: remove
 # the directory, write policy and the numbered rules, then the marker.
 rules() {
 	fw=$1 ip=$2; shift 2
-	qubesdb-rm -d "$fw" "/qubes-firewall/$ip/"
+	timeout 30 qubesdb-rm -d "$fw" "/qubes-firewall/$ip/"
 	qdb "$fw" "/qubes-firewall/$ip/policy" drop
 	rn=0
 	for r in "$@"; do qdb "$fw" "/qubes-firewall/$ip/$(printf %04d $rn)" "$r"; rn=$((rn + 1)); done
@@ -283,17 +311,17 @@ startfw() {
 	sf_try=0
 	while :; do
 		sf_try=$((sf_try + 1))
-		xl create -p /tmp/$name.cfg >/tmp/$name.create 2>&1 || { cat /tmp/$name.create; return 1; }
+		timeout 120 xl create -p /tmp/$name.cfg >/tmp/$name.create 2>&1 || { cat /tmp/$name.create; return 1; }
 		id=$(xl domid "$name")
-		qubesdb-daemon "$id" "$name" || return 1
+		timeout 30 qubesdb-daemon "$id" "$name" || return 1
 		qdb "$name" /name "$name"
 		qdb "$name" /qubes-vm-type NetVM
 		"$keys" "$name"
-		xl unpause "$name"
+		timeout 30 xl unpause "$name"
 		booted "$name" "started (pid 1)"; rc=$?
 		if [ $rc != 2 ] || [ $sf_try -ge "${FLAKE_TRIES:-3}" ]; then return $rc; fi
 		flake "$s" "$name"
-		xl destroy "$name" >/dev/null 2>&1
+		timeout 60 xl destroy "$name" >/dev/null 2>&1
 		pkill -f "qubesdb-daemon $id $name" 2>/dev/null
 	done
 }
@@ -327,9 +355,11 @@ follow() {
 
 # cleanup: what an earlier round (or a failed one) left running.
 cleanup() {
-	for d in $(xl list | awk 'NR > 2 { print $1 }'); do xl destroy "$d" >/dev/null 2>&1; done
+	for d in $(xl list | awk 'NR > 2 { print $1 }'); do timeout 60 xl destroy "$d" >/dev/null 2>&1; done
 	pkill -x qubesdb-daemon 2>/dev/null
-	pkill -f "tail -n +1 -F $CON" 2>/dev/null
+	# (A pattern, so "[+]": a bare "+" would match no follower, and every
+	# round's followers would copy consoles on under stale names.)
+	pkill -f "tail -n [+]1 -F $CON" 2>/dev/null
 	sleep 1
 }
 
@@ -342,11 +372,12 @@ round() {
 	for g in fw c1 c2 fw2 nv c3; do follow $g; done
 
 	# ---- a: boot
+	FWDOM=fw
 	check a "firewall started" startfw a fw "$MEM" "$FWEXTRA" '"mac=00:16:3e:5e:6c:05,bridge=xenbr0"' fwkeys
 	check a "firewall running" waitfor 90 grepq $CON/guest-fw.log "qubesvm: running"
 	check a "rules of 10.137.0.10 applied" waitfor 30 grepq $CON/guest-fw.log "rules of 10.137.0.10"
 	check a "uplink from QubesDB" waitfor 30 grepq $CON/guest-fw.log "dispatch: uplink eth0 ip 10.138.0.5"
-	check a "dom0 pings the uplink address" ping -c 3 -W 3 10.138.0.5
+	check a "dom0 pings the uplink address" ping -c 3 -W 3 -w 20 10.138.0.5
 
 	# ---- b: clients
 	guestcfg c1 "qgfw.ip=10.137.0.10 qgfw.gw=10.138.0.5" '"backend=fw,mac=00:16:3e:5e:6c:00,ip=10.137.0.10"'
@@ -395,30 +426,31 @@ round() {
 	check d "firewall counted the spoofs" waitfor 10 grepq $CON/guest-fw.log "spoofed source"
 
 	# ---- e: netvm change (qubes-core-admin vm/mix/net.py: detach, QubesDB, attach)
-	xl network-detach fw 0 >/tmp/detach.out 2>&1
+	timeout 60 xl network-detach fw 0 >/tmp/detach.out 2>&1
 	check e "old netfront detached" waitfor 60 sh -c "grep -q 'uplink eth0 failed\|dispatch: uplink down' $CON/guest-fw.log"
 	qdb fw /qubes-ip 10.138.1.5
 	qdb fw /qubes-gateway 10.138.1.1
 	qdb fw /qubes-primary-dns 10.139.1.1
 	qdb fw /qubes-secondary-dns 10.139.1.2
-	xl network-attach fw mac=00:16:3e:5e:6c:15 bridge=xenbr1 >/tmp/attach.out 2>&1
+	timeout 60 xl network-attach fw mac=00:16:3e:5e:6c:15 bridge=xenbr1 >/tmp/attach.out 2>&1
 	check e "firewall took the new uplink" waitfor 60 grepq $CON/guest-fw.log "dispatch: uplink eth0 ip 10.138.1.5"
 	check e "c1 reaches the new netvm" waitfor 30 agentgrep c1 '^ok 10\.138\.1\.5:' whoami 10.138.1.1:7
 	check e "c2 still works" expect ok c2 tcp 10.138.1.1:7
 	check e "dsthost resolved through the new uplink" waitfor 30 agentgrep c1 '^ok' udp 10.138.0.1:7
-	check e "dom0 pings the new uplink address" ping -c 3 -W 3 10.138.1.5
+	check e "dom0 pings the new uplink address" ping -c 3 -W 3 -w 20 10.138.1.5
 
 	# ---- f: client destroy
 	t0=$(date +%s)
-	xl destroy c2 >/tmp/destroy.out 2>&1; rc=$?
+	timeout 60 xl destroy c2 >/tmp/destroy.out 2>&1; rc=$?
 	t1=$(date +%s)
 	check f "xl destroy c2 succeeds" sh -c "[ $rc = 0 ] && ! grep -i 'timed out\|unable' /tmp/destroy.out"
 	result f INFO "destroy took $((t1 - t0)) s"
 	check f "backend directory removed by the firewall" waitfor 15 sh -c "! xenstore-read /local/domain/$FW/backend/vif/$C2/0/state"
 	check f "firewall logged the removal" grepq $CON/guest-fw.log "vif$C2.0: client 10.137.0.11 removed"
-	xl destroy c1 >/tmp/destroy1.out 2>&1
+	timeout 60 xl destroy c1 >/tmp/destroy1.out 2>&1
 
 	# ---- g: shutdown
+	FWDOM=
 	t0=$(date +%s)
 	timeout 60 xl shutdown -w fw >/tmp/shutdown.out 2>&1; rc=$?
 	t1=$(date +%s)
@@ -438,8 +470,9 @@ round() {
 
 # bsdclean: remove scenario i's VMs before it runs again.
 bsdclean() {
-	for d in fw2 nv c3; do xl destroy "$d" >/dev/null 2>&1; done
+	for d in fw2 nv c3; do timeout 60 xl destroy "$d" >/dev/null 2>&1; done
 	pkill -f "qubesdb-daemon [0-9]* fw2" 2>/dev/null
+	FW_GONE=
 	sleep 2
 	# The checks read these consoles: start them afresh.
 	rm -f "$CON/guest-fw2.log" "$CON/guest-nv.log" "$CON/guest-c3.log"
@@ -447,6 +480,7 @@ bsdclean() {
 # BSD netvm mode (mirage's --ipv4/--ipv4-gw): the netvm VM "nv" is a client
 # of the firewall "fw2" with the gateway's address; it routes to dom0.
 bsd() {
+	FWDOM=fw2
 	check i "BSD firewall started" startfw i fw2 "$MEM" "--ipv4=10.137.0.5 --ipv4-gw=10.137.0.1 --ipv4-dns=10.139.1.1 $FWEXTRA" "" bsdkeys
 	check i "BSD firewall running" waitfor 90 grepq $CON/guest-fw2.log "qubesvm: running"
 	guestcfg nv "qgfw.role=netvm" '"backend=fw2,mac=00:16:3e:5e:6c:01,ip=10.137.0.1", "mac=00:16:3e:5e:6c:02,bridge=xenbr0"'
@@ -458,13 +492,24 @@ bsd() {
 	check i "c3 agent up" waitfor 120 agentready c3
 	check i "c3 reaches dom0 through the BSD netvm" waitfor 30 agentgrep c3 '^ok 10\.137\.0\.5:' whoami 10.138.0.1:7
 	check i "c3 ping dom0" expect ok c3 ping 10.138.0.1
-	xl destroy c3 >/dev/null 2>&1
-	xl destroy nv >/dev/null 2>&1
+	timeout 60 xl destroy c3 >/dev/null 2>&1
+	timeout 60 xl destroy nv >/dev/null 2>&1
+	FWDOM=
 	timeout 60 xl reboot -w fw2 >/tmp/reboot.out 2>&1
 	check i "xl reboot ends the BSD firewall" waitfor 30 sh -c "! xl domid fw2"
 	check i "reboot through the kernel's handler" grepq $CON/guest-fw2.log "reboot requested"
 	kill $(pgrep -f "qubesdb-daemon .* fw2") 2>/dev/null
 }
+
+# One round, started by the main script below with fd 3 its console and
+# ATTEMPT_LOG the round's buffer. /tmp/round-R.ended says that it ended by
+# itself (a crash check ends it early, which is an end too).
+if [ -n "$ONE_ROUND" ]; then
+	trap ': > /tmp/round-$ONE_ROUND.ended' EXIT
+	ROUND_LOG=$ATTEMPT_LOG
+	round "$ONE_ROUND"
+	exit 0
+fi
 
 exec 3>&1
 # A heartbeat: if it stops, dom0 itself (or Xen) hung, not a scenario.
@@ -487,7 +532,7 @@ envcheck() {
 	wait $busy
 	check env "... in dom0 too" grep -q "fpucheck: ok" /tmp/fpucheck-dom0.log
 	cat /tmp/fpucheck-dom0.log
-	xl destroy env >/dev/null 2>&1
+	timeout 60 xl destroy env >/dev/null 2>&1
 }
 
 say "xl info: $(xl info | grep -E 'xen_version|virt_caps' | tr -s ' ' | tr '\n' ' ')"
@@ -499,14 +544,28 @@ envcheck 2>&1 | tee -a /tmp/results
 # (a TCG platform fault, seen in any guest, the firewall's kernel included,
 # at any point of a round), the round runs once more and only the second
 # attempt's results count. Anything else prints as it is.
+#
+# A round runs as its own process group under ROUND_LIMIT seconds (a round
+# takes about 4 minutes here): every command in it is bounded, but should
+# one still block for good, the round ends with a FAIL that names its last
+# check, and the rounds after it still run, rather than the harness's guard
+# stopping the whole boot with nothing to show.
+ROUND_LIMIT=${QGFW_ROUND_LIMIT:-600}
+for a in $(cat /proc/cmdline); do case $a in qgfw.roundlimit=*) ROUND_LIMIT=${a#*=} ;; esac; done
 r=1
 while [ $r -le "$ROUNDS" ]; do
 	rd_try=1
 	while :; do
 		rd_tf=$(xl dmesg | grep -c "Triple fault")
-		ATTEMPT_LOG=/tmp/round-$r; : > "$ATTEMPT_LOG"
-		round $r 2>&1 | tee -a /tmp/console-$r
-		ATTEMPT_LOG=
+		: > "/tmp/round-$r"; rm -f "/tmp/round-$r.ended"
+		rd_t0=$(date +%s)
+		ATTEMPT_LOG=/tmp/round-$r timeout -k 10 "$ROUND_LIMIT" "$0" --round $r "$SPEC" 2>&1 | tee -a /tmp/console-$r
+		if [ ! -e "/tmp/round-$r.ended" ]; then
+			R=$r
+			last=$(grep "^QGFW-XEN result" "/tmp/round-$r" | tail -1 | cut -d" " -f4- | cut -c1-120)
+			ATTEMPT_LOG=/tmp/round-$r result round FAIL "round $r did not end" "within $ROUND_LIMIT s (ran $(($(date +%s) - rd_t0)) s); the last check that reported: ${last:-none}"
+			ATTEMPT_LOG= diag round
+		fi
 		if [ $rd_try -lt 2 ] && grep -q " FAIL " "/tmp/round-$r" && [ "$(xl dmesg | grep -c "Triple fault")" != "$rd_tf" ]; then
 			R=$r
 			result round INFO "platform fault" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120) during round $r, whose checks failed ($(grep -c " FAIL " "/tmp/round-$r")): the round runs again" | tee -a /tmp/results
