@@ -12,7 +12,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 )
 
 // Logf reports progress.
@@ -23,6 +24,9 @@ type Cache struct {
 	Dir    string
 	Client *http.Client
 	Logf   Logf
+	// Progress shows hashing and downloading on a terminal; nil draws
+	// nothing.
+	Progress *progress.Meter
 }
 
 // DefaultDir is $XDG_CACHE_HOME/qgfw (or ~/.cache/qgfw).
@@ -46,7 +50,7 @@ type File struct {
 // Cached copies are re-hashed, so a damaged cache is detected.
 func (c *Cache) Fetch(ctx context.Context, f File) (string, error) {
 	path := filepath.Join(c.Dir, "files", "sha256-"+f.SHA256)
-	if got, err := hashFile(path); err == nil {
+	if got, err := c.hashFile(path, "checking cached "+f.Name); err == nil {
 		if got == f.SHA256 {
 			return path, nil
 		}
@@ -90,8 +94,13 @@ func (c *Cache) download(ctx context.Context, name, url, path, want, rePin strin
 	}
 	defer os.Remove(tmp.Name())
 	h := sha256.New()
-	pr := &progress{name: name, total: resp.ContentLength, logf: c.Logf, last: time.Now()}
-	_, err = io.Copy(io.MultiWriter(tmp, h, pr), resp.Body)
+	// A line for the large inputs (not for every Go module's go.mod).
+	if resp.ContentLength >= 4<<20 {
+		c.Logf("downloading %s (%d MB)", name, resp.ContentLength>>20)
+	}
+	bar := c.Progress.Start("downloading "+name, resp.ContentLength)
+	_, err = io.Copy(io.MultiWriter(tmp, h, bar), resp.Body)
+	bar.Done()
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
@@ -107,38 +116,22 @@ func (c *Cache) download(ctx context.Context, name, url, path, want, rePin strin
 	return nil
 }
 
-// HashFile returns the hex SHA-256 of a file.
-func hashFile(path string) (string, error) {
+// hashFile returns the hex SHA-256 of a file, showing progress as label.
+func (c *Cache) hashFile(path, label string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
+	var size int64
+	if st, err := f.Stat(); err == nil {
+		size = st.Size()
+	}
+	bar := c.Progress.Start(label, size)
+	defer bar.Done()
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
+	if _, err := io.Copy(io.MultiWriter(h, bar), f); err != nil {
 		return "", fmt.Errorf("hash %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// progress logs a download's progress every few seconds.
-type progress struct {
-	name  string
-	total int64
-	done  int64
-	logf  Logf
-	last  time.Time
-}
-
-func (p *progress) Write(b []byte) (int, error) {
-	p.done += int64(len(b))
-	if time.Since(p.last) >= 3*time.Second {
-		p.last = time.Now()
-		if p.total > 0 {
-			p.logf("downloading %s: %d of %d MB", p.name, p.done>>20, p.total>>20)
-		} else {
-			p.logf("downloading %s: %d MB", p.name, p.done>>20)
-		}
-	}
-	return len(b), nil
 }

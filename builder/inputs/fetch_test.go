@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 )
 
 func sha(b []byte) string {
@@ -78,5 +81,35 @@ func TestFetchErrors(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(c.Dir + "/files"); len(ents) != 0 {
 		t.Errorf("failed downloads left files: %v", ents)
+	}
+}
+
+// On a terminal, a download and the re-hash of a cached input each draw a
+// bar and clear it; the log gets no progress lines either way.
+func TestFetchProgress(t *testing.T) {
+	body := make([]byte, 5<<20)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "5242880")
+		w.Write(body)
+	}))
+	defer srv.Close()
+	var term, log strings.Builder
+	c := &Cache{Dir: t.TempDir(), Logf: func(f string, a ...any) { fmt.Fprintf(&log, f+"\n", a...) }, Progress: progress.New(&term)}
+	f := File{Name: "linux-source", URL: srv.URL + "/x.deb", SHA256: sha(body)}
+	for range 2 { // downloaded, then found in the cache
+		if _, err := c.Fetch(context.Background(), f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range []string{"\rdownloading linux-source: ", "of 5.0 MB", "\rchecking cached linux-source: ", "\r\x1b[K"} {
+		if !strings.Contains(term.String(), want) {
+			t.Errorf("terminal output %q lacks %q", term.String(), want)
+		}
+	}
+	if !strings.HasSuffix(term.String(), "\r\x1b[K") {
+		t.Errorf("the last bar was not cleared: %q", term.String())
+	}
+	if log.String() != "downloading linux-source (5 MB)\n" {
+		t.Errorf("log = %q, want one line for the download", log.String())
 	}
 }

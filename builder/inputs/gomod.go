@@ -184,10 +184,14 @@ func (p *GoProxy) Offline(ctx context.Context, modDir string, pkgs []string, dst
 			keys = append(keys, k)
 		}
 	}
-	if err := parallel(ctx, keys, func(k module.Version) error {
+	bar := p.Cache.Progress.StartCount("Go modules' go.mod files", int64(len(keys)))
+	err = parallel(ctx, keys, func(k module.Version) error {
 		_, err := p.Ensure(ctx, sums[k], false)
+		bar.Add(1)
 		return err
-	}); err != nil {
+	})
+	bar.Done()
+	if err != nil {
 		return nil, nil, err
 	}
 	zips, local, err := p.closure(ctx, modDir, mf.Module.Mod.Path, pkgs, selected)

@@ -18,6 +18,7 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/docker"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/engine"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/podman"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 )
@@ -44,6 +45,9 @@ type Options struct {
 	Engine    string    // "podman" (API bindings) or "docker" (docker CLI)
 	Log       io.Writer // progress and build output
 	Quiet     bool      // only errors (the tail of the build log on failure)
+	// Progress draws how far long hashing and downloading steps got (on
+	// a terminal; nil draws nothing).
+	Progress *progress.Meter
 }
 
 // Result describes a finished build.
@@ -123,7 +127,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("build: %w", err)
 	}
 	defer os.RemoveAll(work)
-	cache := &inputs.Cache{Dir: opts.CacheDir, Logf: lg.logf}
+	cache := &inputs.Cache{Dir: opts.CacheDir, Logf: lg.logf, Progress: opts.Progress}
 	ctxDir := filepath.Join(work, "context")
 	if err := prepareContext(ctx, cache, opts, ctxDir, info); err != nil {
 		return nil, err

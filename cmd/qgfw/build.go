@@ -73,6 +73,10 @@ func runBuild(cmd *cobra.Command, o *buildOptions) error {
 		Log:       cmd.ErrOrStderr(),
 		Quiet:     o.quiet,
 	}
+	// Progress bars only on a terminal, never in --quiet or in a log.
+	if f, ok := cmd.ErrOrStderr().(*os.File); ok && !o.quiet {
+		opts.Progress = progress.ForFile(f)
+	}
 	if opts.DistDir == "" {
 		opts.DistDir = filepath.Join(src, "dist")
 	}
