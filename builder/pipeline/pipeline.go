@@ -18,8 +18,8 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/docker"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/engine"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
-	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/podman"
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 )
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/pipeline"
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 )
 
