@@ -136,6 +136,7 @@ func answerable(frame []byte, port int) bool {
 func BenchmarkFastPath(b *testing.B) {
 	n := newTestNet(b)
 	frame := pkt{srcMAC: c1MAC, src: client1, dst: remote, proto: header.ProtoUDP, sport: 40000, dport: 443, payload: make([]byte, 1400)}.bytes()
+	orig := append([]byte(nil), frame...)
 	n.c[0].Input(toFrames([][]byte{frame}))
 	n.upPeer.TryRead()
 	frames := []link.Frame{{Data: frame}}
@@ -146,15 +147,9 @@ func BenchmarkFastPath(b *testing.B) {
 	b.ReportAllocs()
 	b.SetBytes(int64(len(frame)))
 	for b.Loop() {
-		// Undo the previous iteration's rewrite so the frame is the
-		// client's again.
-		var p header.Parsed
-		p.Decode(frame)
-		p.RewriteSrc(frame, client1, 40000, header.CsumFull)
-		header.Ethernet(frame).SetSrc(c1MAC) // the source MAC is checked
-		header.IPv4(frame[14:])[8] = 64
-		header.IPv4(frame[14:]).SetChecksum(0)
-		header.IPv4(frame[14:]).SetChecksum(header.IPv4(frame[14:]).CalculateChecksum())
+		// The client's frame again (the previous iteration rewrote it):
+		// a copy of about 20 ns, as a receive into the slot would cost.
+		copy(frame, orig)
 		n.c[0].Input(frames)
 	}
 	if n.d.Stats().Forwarded < uint64(b.N) {

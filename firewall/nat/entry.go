@@ -119,6 +119,7 @@ type Entry struct {
 	state   State
 	flags   uint8
 	slot    uint8 // index of the uplink's port map in Table.uplinks
+	tick    uint8 // lruTick of the entry's last move to the front of its list
 	expires int64 // monotonic ns
 	prevLRU int32 // neighbours in the LRU list (toward the head), -1 = none
 	nextLRU int32 // toward the tail; also links the free list
@@ -126,7 +127,7 @@ type Entry struct {
 	// seq is what an inbound RST is checked against: in TCPSynSent the
 	// client's SYN sequence number + 1 (a RST must acknowledge it), later
 	// the remote's next sequence number as the client last acknowledged
-	// it. It fills what was padding: the entry stays 48 bytes.
+	// it. It and tick fill what was padding: the entry stays 48 bytes.
 	seq uint32
 }
 

@@ -690,3 +690,45 @@ func TestBlindResetRefused(t *testing.T) {
 		t.Fatalf("state %v, want established", e.State())
 	}
 }
+
+// A packet moves its flow to the front of its LRU list at most once per
+// lruTick (about a second), unless the flow changes lists: within a tick
+// the eviction order stays as it was, a tick later the packet counts.
+func TestLRUMovedOncePerTick(t *testing.T) {
+	const tick = int64(1) << 30
+	tb := newTable(t, Config{MaxEntries: 3})
+	mk := func(port uint16) *flow { return &flow{tb: tb, proto: header.ProtoUDP, cip: client, cport: port} }
+	x, y, z := mk(1), mk(2), mk(3)
+	now := 10 * tick
+	for _, fl := range []*flow{x, y, z} {
+		fl.send(t, pkt{out: true}, now)
+		fl.send(t, pkt{out: false}, now) // a reply: on the assured list at once
+		mustCheck(t, tb)
+	}
+	if tb.slab[x.e.idx].list() != listAssured || tb.tail[listAssured] != x.e.idx {
+		t.Fatalf("x is not the least recent assured entry")
+	}
+	// Same tick: x's packets leave it last, so a new flow evicts it.
+	x.send(t, pkt{out: true}, now+tick/2)
+	mustCheck(t, tb)
+	if tb.tail[listAssured] != x.e.idx {
+		t.Fatal("x moved within its tick")
+	}
+	// The next tick: y's packet moves it to the front; x stays the tail.
+	y.send(t, pkt{out: true}, now+tick)
+	mustCheck(t, tb)
+	if tb.head[listAssured] != y.e.idx || tb.tail[listAssured] != x.e.idx {
+		t.Fatalf("after the tick: head %d (y %d), tail %d (x %d)", tb.head[listAssured], y.e.idx, tb.tail[listAssured], x.e.idx)
+	}
+	w := mk(4)
+	w.send(t, pkt{out: true}, now+tick)
+	if tb.LookupOut(decode(t, x.frame(t, true, 0)), now+tick) != nil {
+		t.Error("x survived: eviction did not take the least recent entry")
+	}
+	for _, fl := range []*flow{y, z, w} {
+		if tb.LookupOut(decode(t, fl.frame(t, true, 0)), now+tick) == nil {
+			t.Errorf("flow %d evicted", fl.cport)
+		}
+	}
+	mustCheck(t, tb)
+}
