@@ -85,7 +85,7 @@ func TestXenBench(t *testing.T) {
 	load := loadavg()
 	serial := filepath.Join(run, "serial.log")
 	spec := fmt.Sprintf("%s:%d:%d:%s", sizes, secs, runs, udp)
-	res, err := boot(e, filepath.Join(run, "dom0.cpio"), spec, serial, run)
+	res, err := bootRetrying(t, e, filepath.Join(run, "dom0.cpio"), spec, serial, run)
 	os.Remove(filepath.Join(run, "dom0.cpio"))
 	took := time.Since(began)
 	if err != nil {
