@@ -61,33 +61,51 @@ func fillTable(b *testing.B, tb *Table, n int) {
 // BenchmarkManyFlows is a packet of one of 50,000 live flows, visited in
 // a scattered order, so that the entries and their LRU neighbours are
 // rarely in cache: what a busy table costs per packet (lookup, the LRU
-// update, translation).
+// update, translation), out (client to uplink) and in (the replies).
 func BenchmarkManyFlows(b *testing.B) {
 	const n = 50000
 	tb := newTable(b, Config{MaxEntries: 65536})
-	frames := make([][]byte, n)
-	parsed := make([]header.Parsed, n)
+	var frames [2][][]byte // out, in
+	var parsed [2][]header.Parsed
 	for i := range n {
-		frames[i] = ipFrame(header.ProtoUDP, client, [4]byte{198, 51, byte(i >> 8), byte(i)}, udpDgram(uint16(1024+i%50000), 443, ""))
-		parsed[i] = *decode(b, frames[i])
-		p := parsed[i]
-		if _, err := tb.Create(&p, uplink, 0); err != nil {
+		remote := [4]byte{198, 51, byte(i >> 8), byte(i)}
+		f := ipFrame(header.ProtoUDP, client, remote, udpDgram(uint16(1024+i%50000), 443, ""))
+		p := *decode(b, f)
+		e, err := tb.Create(&p, uplink, 0)
+		if err != nil {
 			b.Fatal(err)
 		}
+		frames[0] = append(frames[0], f)
+		parsed[0] = append(parsed[0], p)
+		f = ipFrame(header.ProtoUDP, remote, uplink, udpDgram(443, e.NATPort(), ""))
+		frames[1] = append(frames[1], f)
+		parsed[1] = append(parsed[1], *decode(b, f))
 	}
-	f := make([]byte, len(frames[0]))
-	var p header.Parsed
-	i, now := 0, int64(0)
-	b.ReportAllocs()
-	for b.Loop() {
-		i = (i + 7919) % n // a prime stride: every flow, out of order
-		now += 100         // 10 Mpps: ticks pass as they would
-		copy(f, frames[i])
-		p = parsed[i]
-		e := tb.LookupOut(&p, now)
-		if e == nil {
-			b.Fatal("flow lost")
-		}
-		tb.TranslateOut(e, f, &p, header.CsumFull, now)
+	for d, name := range []string{"out", "in"} {
+		b.Run(name, func(b *testing.B) {
+			f := make([]byte, len(frames[d][0]))
+			var p header.Parsed
+			i, now := 0, int64(0)
+			b.ReportAllocs()
+			for b.Loop() {
+				i = (i + 7919) % n // a prime stride: every flow, out of order
+				now += 100         // 10 Mpps: ticks pass as they would
+				copy(f, frames[d][i])
+				p = parsed[d][i]
+				if d == 0 {
+					e := tb.LookupOut(&p, now)
+					if e == nil {
+						b.Fatal("flow lost")
+					}
+					tb.TranslateOut(e, f, &p, header.CsumFull, now)
+				} else {
+					e := tb.LookupIn(&p, now)
+					if e == nil {
+						b.Fatal("flow lost")
+					}
+					tb.TranslateIn(e, f, &p, header.CsumFull, now)
+				}
+			}
+		})
 	}
 }

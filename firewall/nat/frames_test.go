@@ -215,10 +215,10 @@ func (t *Table) check() string {
 		}
 		live++
 		per[e.ct.Src]++
-		if t.out[e.ct] != int32(i) || t.in[e.OutsideTuple()] != int32(i) {
-			return "entry missing from a map"
-		}
 		u := t.uplinks[e.slot]
+		if t.out[e.ct] != int32(i) || u.flow[protoIndex(e.ct.Proto)][e.natPort] != int32(i)+1 {
+			return "entry missing from the outbound map or the inbound index"
+		}
 		if u.ip != e.uplink || !u.used[protoIndex(e.ct.Proto)].has(e.natPort) {
 			return "port not marked in use"
 		}
@@ -229,8 +229,27 @@ func (t *Table) check() string {
 			return "port out of range"
 		}
 	}
-	if live != t.n || len(t.out) != t.n || len(t.in) != t.n || t.n > len(t.slab) {
+	if live != t.n || len(t.out) != t.n || t.n > len(t.slab) {
 		return "counts disagree"
+	}
+	// Every inbound index slot names a live entry that holds that port.
+	for _, u := range t.uplinks {
+		used := 0
+		for pi := range u.flow {
+			for port, i := range u.flow[pi] {
+				if i == 0 {
+					continue
+				}
+				used++
+				e := &t.slab[i-1]
+				if e.flags&flagLive == 0 || int(e.natPort) != port || protoIndex(e.ct.Proto) != pi || e.uplink != u.ip {
+					return "stale inbound index slot"
+				}
+			}
+		}
+		if used != u.n {
+			return "inbound index and uplink count disagree"
+		}
 	}
 	if !maps.Equal(per, t.perClient) {
 		return "per-client counts disagree"

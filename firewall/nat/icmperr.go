@@ -114,7 +114,7 @@ func (t *Table) ICMPErrorIn(frame []byte, p *header.Parsed, now int64) *Entry {
 	if !ok || q.key.Src != p.Dst || (q.key.Proto == header.ProtoICMP && !header.ICMPIsRequest(q.icmp)) {
 		return nil
 	}
-	return t.get(t.in, q.key, now)
+	return t.getIn(q.key, now)
 }
 
 // RewriteICMPErrorIn is the acting half of TranslateICMPErrorIn, for the

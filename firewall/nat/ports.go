@@ -19,11 +19,25 @@ const (
 
 // uplinkPorts records the ports in use on one uplink address, per
 // protocol: a port is handed out once per (protocol, uplink address), so
-// the port alone names the flow on the way back.
+// the port alone names the flow on the way back. flow is that index: per
+// protocol and port, the slab index + 1 of the entry holding the port (0:
+// none), so that an inbound packet finds its flow without hashing; its
+// remote address and port are then checked against the entry.
 type uplinkPorts struct {
 	ip   [4]byte
 	n    int // live entries using this map; 0 = free for another address
 	used [nProto]portMap
+	flow [nProto][]int32
+}
+
+// newUplinkPorts allocates the maps of one uplink address: 8 KiB of bits
+// and 256 KiB of flow index per protocol, once for the table's life.
+func newUplinkPorts(ip [4]byte) *uplinkPorts {
+	u := &uplinkPorts{ip: ip}
+	for i := range u.flow {
+		u.flow[i] = make([]int32, 1<<16)
+	}
+	return u
 }
 
 // randomProbes is how many uniformly random ports pickPort tries before it

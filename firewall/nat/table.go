@@ -69,16 +69,18 @@ type Stats struct {
 }
 
 // Table is the NAT table: a fixed slab of entries with a free list, two
-// intrusive LRU lists (unassured, assured) threaded through it by index,
-// and two maps from flow keys to slab indexes created at full capacity, so
+// intrusive LRU lists (unassured, assured) threaded through it by index, a
+// map from client tuples to slab indexes created at full capacity, and per
+// uplink address an array indexed by (protocol, port) for the way back
+// (NAT ports are unique per protocol and address: no hashing inbound), so
 // that lookups, translation and entry creation do not allocate.
 //
-// Memory (measured, amd64, Go 1.26): the slab is 48 bytes per entry;
-// with both maps a new table of 65536 entries takes about 133 bytes per
-// entry (8.3 MiB, TestMemoryPerEntry). Under constant churn Go's maps
-// grow once to absorb deleted-slot tombstones: about 235 bytes per entry
-// in steady state, and Create then allocates about once per 50,000 calls
-// (a map table rebuilt). Add 24 KiB per uplink address and 24 KiB for
+// Memory (measured, amd64, Go 1.26): the slab is 48 bytes per entry; with
+// the map a new table of 65536 entries takes about 91 bytes per entry
+// (5.7 MiB, TestMemoryPerEntry). Under constant churn Go's map grows once
+// to absorb deleted-slot tombstones, and Create then allocates about once
+// per 50,000 calls (a map table rebuilt). Add 792 KiB per uplink address
+// (the port bits and the inbound index of three protocols) and 24 KiB for
 // reserved ports.
 //
 // A Table is not safe for concurrent use.
@@ -89,7 +91,6 @@ type Table struct {
 	head    [2]int32        // most recently used entry of each list
 	tail    [2]int32        // least recently used
 	out     map[Tuple]int32 // ClientTuple -> index
-	in      map[Tuple]int32 // OutsideTuple -> index
 	uplinks []*uplinkPorts
 	// perClient counts the entries of each client address (the map holds
 	// only clients with entries); clientMax is Config.ClientMax.
@@ -116,7 +117,6 @@ func New(cfg Config) *Table {
 	t := &Table{
 		slab:      make([]Entry, n),
 		out:       make(map[Tuple]int32, n),
-		in:        make(map[Tuple]int32, n),
 		uplinks:   make([]*uplinkPorts, 0, maxUplinks),
 		perClient: make(map[[4]byte]int),
 		clientMax: cfg.ClientMax,
@@ -228,7 +228,33 @@ func (t *Table) LookupIn(p *header.Parsed, now int64) *Entry {
 	if t.reserved[protoIndex(p.Proto)].has(k.SrcPort) {
 		return nil
 	}
-	return t.get(t.in, k, now)
+	return t.getIn(k, now)
+}
+
+// getIn returns the live entry whose OutsideTuple is k, removing it if it
+// has expired: the port indexes the uplink address's flow table, and the
+// entry must name k's remote end.
+func (t *Table) getIn(k Tuple, now int64) *Entry {
+	for _, u := range t.uplinks {
+		if u.ip != k.Src || u.n == 0 {
+			continue
+		}
+		i := u.flow[protoIndex(k.Proto)][k.SrcPort] - 1
+		if i < 0 {
+			return nil
+		}
+		e := &t.slab[i]
+		if e.ct.Proto != k.Proto || e.ct.Dst != k.Dst || e.ct.DstPort != k.DstPort {
+			return nil
+		}
+		if e.expires <= now {
+			t.remove(i)
+			t.stats.Expired++
+			return nil
+		}
+		return e
+	}
+	return nil
 }
 
 // Create adds an entry for a packet from a client that the rules accepted,
@@ -314,7 +340,7 @@ func (t *Table) Create(p *header.Parsed, uplinkIP [4]byte, now int64) (*Entry, e
 	up.used[pi].set(port)
 	up.n++
 	t.out[k] = i
-	t.in[e.OutsideTuple()] = i
+	up.flow[pi][port] = i + 1
 	t.perClient[k.Src]++
 	t.n++
 	t.stats.Created++
@@ -340,7 +366,7 @@ func (t *Table) uplinkSlot(ip [4]byte) int {
 	if len(t.uplinks) == maxUplinks {
 		return -1
 	}
-	t.uplinks = append(t.uplinks, &uplinkPorts{ip: ip})
+	t.uplinks = append(t.uplinks, newUplinkPorts(ip))
 	return len(t.uplinks) - 1
 }
 
@@ -493,7 +519,6 @@ func (t *Table) FlushIf(drop func(*Entry) bool) int {
 func (t *Table) remove(i int32) {
 	e := &t.slab[i]
 	delete(t.out, e.ct)
-	delete(t.in, e.OutsideTuple())
 	if c := t.perClient[e.ct.Src]; c > 1 {
 		t.perClient[e.ct.Src] = c - 1
 	} else {
@@ -502,6 +527,7 @@ func (t *Table) remove(i int32) {
 	t.unlink(i)
 	up := t.uplinks[e.slot]
 	up.used[protoIndex(e.ct.Proto)].clear(e.natPort)
+	up.flow[protoIndex(e.ct.Proto)][e.natPort] = 0
 	up.n--
 	*e = Entry{idx: i, nextLRU: t.free}
 	t.free = i
