@@ -21,6 +21,8 @@
 #   BENCH_PINGS=200       pings per latency run, at BENCH_PING_INTERVAL=0.01 s
 #   BENCH_OUT=dist/bench  directory for the report (relative to the repo root)
 #   BENCH_BIN=            directory with prebuilt firewall and qubesdb binaries
+#   BENCH_CLIENTS=8       clients of the parallel run (1: none)
+#   BENCH_FLOWS=50000     live UDP flows for the full-table run (0: none)
 set -euo pipefail
 
 BENCH_TIME=${BENCH_TIME:-8}
@@ -31,12 +33,19 @@ BENCH_PINGS=${BENCH_PINGS:-200}
 BENCH_PING_INTERVAL=${BENCH_PING_INTERVAL:-0.01}
 BENCH_OUT=${BENCH_OUT:-dist/bench}
 BENCH_BIN=${BENCH_BIN:-}
+BENCH_FLOWS=${BENCH_FLOWS:-50000}
+BENCH_CLIENTS=${BENCH_CLIENTS:-8}
 
 CLIENT_IP=10.137.0.20
 FW_IP=10.137.0.5
 NETVM_IP=10.137.0.1
 SERVER_IP=192.0.2.10
 VARIANTS=(kernel firewall)
+# The extra clients of the parallel run: client<k> at 10.137.0.<20+k> on
+# vif<k>, k = 2..BENCH_CLIENTS (client 1 is the one above), each with an
+# iperf3 server of its own on port 5200+k.
+extra_clients() { [ "$BENCH_CLIENTS" -gt 1 ] && seq 2 "$BENCH_CLIENTS"; return 0; }
+client_ip() { echo "10.137.0.$((20 + $1))"; }
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "bench: $*" >&2; exit 1; }
@@ -48,7 +57,7 @@ if ! command -v jq >/dev/null; then
 	{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends jq; } >/dev/null ||
 		die "cannot install jq"
 fi
-for tool in ip nft iperf3 ping jq go; do
+for tool in ip nft iperf3 ping jq python3 go; do
 	command -v "$tool" >/dev/null || die "missing $tool (run ./scripts/setup-host.sh)"
 done
 
@@ -128,6 +137,24 @@ topology() {
 	nsx "$v" fw ip link set eth0 up
 	nsx "$v" fw ip link set vif1 up
 	spawn "$work/iperf3-$v.log" "$v" netvm iperf3 -s -B "$SERVER_IP"
+	local k c
+	for k in $(extra_clients); do
+		c=client$k
+		ip netns add "$(ns "$v" "$c")"
+		namespaces+=("$(ns "$v" "$c")")
+		nsx "$v" "$c" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+		nsx "$v" "$c" ip link set lo up
+		ip -n "$(ns "$v" fw)" link add "vif$k" type veth peer name eth0 netns "$(ns "$v" "$c")"
+		nsx "$v" fw ip link set "vif$k" address fe:ff:ff:ff:ff:ff
+		nsx "$v" fw ip link set "vif$k" up
+		nsx "$v" "$c" ip link set eth0 address 00:16:3e:5e:6c:00
+		nsx "$v" "$c" ip addr add "$(client_ip "$k")/32" dev eth0
+		nsx "$v" "$c" ip link set eth0 up
+		nsx "$v" "$c" ip route add "$FW_IP" dev eth0
+		nsx "$v" "$c" ip route add default via "$FW_IP" dev eth0 onlink
+		nsx "$v" netvm ip route add "$(client_ip "$k")/32" via "$FW_IP" dev eth0
+		spawn "$work/iperf3-$v-$k.log" "$v" netvm iperf3 -s -B "$SERVER_IP" -p $((5200 + k))
+	done
 }
 
 setup_kernel() {
@@ -151,6 +178,12 @@ setup_kernel() {
 			}
 		}
 	EOF
+	local k
+	for k in $(extra_clients); do
+		nsx kernel fw ip addr add "$FW_IP/32" dev "vif$k"
+		nsx kernel fw ip route add "$(client_ip "$k")/32" dev "vif$k"
+		nsx kernel fw nft add rule ip filter forward iifname "vif$k" ip saddr "$(client_ip "$k")" accept
+	done
 }
 
 fw_pid=
@@ -165,13 +198,19 @@ setup_firewall() {
 		/qubes-firewall/$CLIENT_IP/0000 action=accept
 		/qubes-firewall/$CLIENT_IP 
 	EOF
+	local k extra=()
+	for k in $(extra_clients); do
+		printf '/qubes-firewall/%s/policy drop\n/qubes-firewall/%s/0000 action=accept\n/qubes-firewall/%s \n' \
+			"$(client_ip "$k")" "$(client_ip "$k")" "$(client_ip "$k")" >>"$work/qubesdb.init"
+		extra+=(-client "vif$k=$(client_ip "$k")")
+	done
 	"$work/qubesdb" serve -socket "$work/qubesdb.sock" -init "$work/qubesdb.init" >"$work/qubesdb.log" 2>&1 &
 	pids+=("$!")
 	local i
 	for i in $(seq 50); do [ -S "$work/qubesdb.sock" ] && break; sleep 0.1; done
 	[ -S "$work/qubesdb.sock" ] || die "qubesdb server did not start: $(cat "$work/qubesdb.log")"
 	spawn "$work/firewall.log" firewall fw "$work/firewall" -uplink eth0 \
-		-client "vif1=$CLIENT_IP" -qubesdb "$work/qubesdb.sock" -stats-interval 10s
+		-client "vif1=$CLIENT_IP" "${extra[@]}" -qubesdb "$work/qubesdb.sock" -stats-interval 10s
 	fw_pid=$spawned
 }
 
@@ -221,12 +260,100 @@ iperf() {
 # jqr FILTER evaluates FILTER on the last iperf3 report.
 jqr() { jq "$1" "$work/iperf.json"; }
 
+# parallel VARIANT: one TCP stream from every client at once, client 1 to
+# the first server and client k to port 5200+k. Records the total and
+# Jain's fairness index over the clients' rates, (sum x)^2 / (n sum x^2):
+# 1 when all get the same, 1/n when one gets everything.
+parallel() {
+	local v=$1 k c pidlist=() port rates=() ok=1
+	for k in 1 $(extra_clients); do
+		c=client; port=5201
+		if [ "$k" != 1 ]; then c=client$k; port=$((5200 + k)); fi
+		timeout $((BENCH_TIME + 30)) ip netns exec "$(ns "$v" "$c")" \
+			iperf3 -c "$SERVER_IP" -p "$port" -t "$BENCH_TIME" -O 1 -J >"$work/par-$k.json" 2>&1 &
+		pidlist+=("$!")
+	done
+	for k in "${pidlist[@]}"; do wait "$k" || ok=0; done
+	for k in 1 $(extra_clients); do
+		rates+=("$(jq '.end.sum_received.bits_per_second / 1e9' "$work/par-$k.json" 2>/dev/null || echo 0)")
+	done
+	[ "$ok" = 1 ] || note "$v: a parallel iperf3 client failed (rates: ${rates[*]})"
+	record "$v" par.total "$(printf '%s\n' "${rates[@]}" | awk '{ s += $1 } END { print s }')"
+	record "$v" par.jain "$(printf '%s\n' "${rates[@]}" | awk '{ s += $1; q += $1 * $1; n++ } END { if (q > 0) printf "%.4f", s * s / (n * q); else print 0 }')"
+	record "$v" par.min "$(printf '%s\n' "${rates[@]}" | sort -g | head -n 1)"
+}
+
+# cpustat prints the machine's softirq ticks and all its busy ticks (user,
+# nice, system, irq, softirq) from /proc/stat, and the firewall process's
+# utime + stime (fields 14 and 15 of /proc/PID/stat; its name has no
+# spaces).
+cpustat() {
+	awk '/^cpu / { printf "%d %d ", $8, $2 + $3 + $4 + $7 + $8 }' /proc/stat
+	awk '{ print $14 + $15 }' "/proc/$fw_pid/stat"
+}
+
+# tcp VARIANT KEY ARGS...: one iperf3 TCP run. For KEY tcp1 and tcp1flows
+# also the CPU time per GB received: what forwarding cost (the kernel
+# variant's softirq time, where the kernel forwards; the firewall process's
+# own time) and what the whole machine spent (both endpoints included,
+# the same work in both variants).
 tcp() {
-	local v=$1 key=$2
+	local v=$1 key=$2 s0 b0 f0 s1 b1 f1
 	shift 2
+	read -r s0 b0 f0 <<<"$(cpustat)"
 	iperf "$v" -O 1 "$@" || return 0
+	read -r s1 b1 f1 <<<"$(cpustat)"
 	record "$v" "$key" "$(jqr '.end.sum_received.bits_per_second / 1e9')"
 	record "$v" "$key.retr" "$(jqr '.end.sum_sent.retransmits // 0')"
+	case $key in tcp1 | tcp1flows) ;; *) return 0 ;; esac
+	local gb fwd
+	gb=$(jqr '.end.sum_received.bytes / 1e9')
+	if [ "$v" = kernel ]; then fwd=$((s1 - s0)); else fwd=$((f1 - f0)); fi
+	record "$v" "$key.cpugb" "$(awk -v t="$fwd" -v hz="$hz" -v gb="$gb" 'BEGIN { printf "%.4f", t / hz / gb }')"
+	record "$v" "$key.allgb" "$(awk -v t="$((b1 - b0))" -v hz="$hz" -v gb="$gb" 'BEGIN { printf "%.4f", t / hz / gb }')"
+}
+hz=$(getconf CLK_TCK)
+
+# flows VARIANT: BENCH_FLOWS UDP flows, shared among the clients (one client
+# may hold only half of the firewall's table while others have flows, as
+# NAT quotas go), one datagram each from its own source port to the
+# netvm's discard port (nothing answers but a rate-limited port
+# unreachable), so that the NAT table (the kernel's conntrack) holds that
+# many live entries while the next stream runs; the entries live 30 s in
+# both.
+flows() {
+	local v=$1 k c ip per=$((BENCH_FLOWS / BENCH_CLIENTS)) pidlist=()
+	for k in 1 $(extra_clients); do
+		c=client ip=$CLIENT_IP
+		if [ "$k" != 1 ]; then c=client$k ip=$(client_ip "$k"); fi
+		nsx "$v" "$c" python3 -c '
+import socket, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((src, 10000 + i % 55000))
+        s.sendto(b"x", (dst, 9))
+    except OSError:
+        pass
+    s.close()
+' "$ip" "$NETVM_IP" "$per" &
+		pidlist+=("$!")
+	done
+	for k in "${pidlist[@]}"; do wait "$k" || note "$v: a flow generator failed"; done
+}
+
+# flowcount VARIANT records how many entries the table holds (after the
+# stream, the flows still live): conntrack's count, or the "nat N" of the
+# firewall's last stats line (logged every 10 s, so at most that old).
+flowcount() {
+	local n
+	if [ "$1" = kernel ]; then
+		n=$(nsx kernel fw cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null)
+	else
+		n=$(grep -o 'nat [0-9]*' "$work/firewall.log" | tail -n 1 | cut -d' ' -f2)
+	fi
+	record "$1" flows.live "${n:-0}"
 }
 
 udp() {
@@ -265,6 +392,14 @@ measure() {
 	fi
 	udp "$v"
 	pinglat "$v"
+	if [ "$BENCH_CLIENTS" -gt 1 ]; then
+		parallel "$v"
+	fi
+	if [ "$BENCH_FLOWS" -gt 0 ]; then
+		flows "$v"
+		tcp "$v" tcp1flows
+		flowcount "$v"
+	fi
 	if [ "$v" = firewall ] && ! kill -0 "$fw_pid" 2>/dev/null; then
 		echo "firewall stderr:" >&2
 		cat "$work/firewall.log" >&2
@@ -296,6 +431,10 @@ fw_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/
 # full (sk_drops, "d" in ss's skmem): loss the firewall's own counters miss.
 fw_sockdrops=$(ip netns exec "$(ns firewall fw)" ss -0 -a -m -n -H 2>&1 | tr -s ' \n' ' ') || true
 fw_stats=$(grep 'forwarded' "$work/firewall.log" | tail -n 1 | sed 's/^.*firewall: //') || true
+# The fast path's ns/packet and allocations, measured after the streams.
+echo "bench: Go benchmarks of the per-packet path" >&2
+gobench=$(cd "$repo/firewall" && GOTOOLCHAIN=local go test -run '^$' -bench '^Benchmark(FastPath|ManyFlows|EchoReply)$' -benchtime 1s -benchmem ./dispatch ./nat 2>&1 |
+	grep -E '^(Benchmark|ok|FAIL)' | sed -E 's/[[:space:]]+/ /g') || true
 
 # row LABEL METRIC FORMAT [noratio]: median of both variants and the
 # ratio (left out where a ratio means nothing, e.g. loss percentages).
@@ -338,7 +477,23 @@ report() {
 	row "UDP ${BENCH_UDP_LEN} B loss (%)" udp.loss %.1f noratio
 	row "ping avg, ${BENCH_PINGS} × ${BENCH_PING_INTERVAL} s (ms)" ping.avg %.3f
 	row "ping mdev (ms)" ping.mdev %.3f
-	printf '| firewall peak RSS, VmHWM (MB) | – | %.1f | – |\n' "$(awk -v k="$hwm_kb" 'BEGIN { print k / 1024 }')"
+	row "forwarding CPU s per GB, TCP 1 stream (kernel: softirq; firewall: its process)" tcp1.cpugb %.3f
+	row "whole-machine CPU s per GB, TCP 1 stream (endpoints included)" tcp1.allgb %.3f
+	if [ "$BENCH_CLIENTS" -gt 1 ]; then
+		row "TCP, ${BENCH_CLIENTS} clients in parallel, total (Gbit/s)" par.total %.2f
+		row "the slowest of them (Gbit/s)" par.min %.2f
+		row "Jain's fairness index over them (1 = equal shares)" par.jain %.3f noratio
+	fi
+	if [ "$BENCH_FLOWS" -gt 0 ]; then
+		row "TCP 1 stream with ${BENCH_FLOWS} live UDP flows (Gbit/s)" tcp1flows %.2f
+		row "live entries in the table after that stream" flows.live %.0f noratio
+		row "forwarding CPU s per GB, with those flows" tcp1flows.cpugb %.3f
+		local kf ff
+		kf=$(awk -v a="$(median <<<"${vals[kernel.tcp1flows]:-}")" -v b="$(median <<<"${vals[kernel.tcp1]:-}")" 'BEGIN { if (b + 0 > 0 && a != "n/a") printf "%.2f", a / b; else print "n/a" }')
+		ff=$(awk -v a="$(median <<<"${vals[firewall.tcp1flows]:-}")" -v b="$(median <<<"${vals[firewall.tcp1]:-}")" 'BEGIN { if (b + 0 > 0 && a != "n/a") printf "%.2f", a / b; else print "n/a" }')
+		printf '| TCP 1 stream, full table / empty table | %s | %s | – |\n' "$kf" "$ff"
+	fi
+	printf '| firewall peak RSS, VmHWM (MB), %d clients attached | – | %.1f | – |\n' "$BENCH_CLIENTS" "$(awk -v k="$hwm_kb" 'BEGIN { print k / 1024 }')"
 	echo
 	echo "Throughput and packets received: a ratio above 1 favours the firewall; latency: below 1 does."
 	echo "Firewall at the end: VmRSS $((rss_kb / 1024)) MB, CPU time ${fw_cpu} s; last stats: ${fw_stats:-none}"
@@ -350,9 +505,18 @@ report() {
 	echo "| metric | kernel | firewall |"
 	echo "|---|---|---|"
 	local m
-	for m in tcp1 tcp1.retr tcp4 tcp4.retr tcp1r tcp1r.retr tcp4r tcp4r.retr udp.pps udp.sent udp.loss ping.avg ping.mdev ping.loss; do
+	for m in tcp1 tcp1.retr tcp4 tcp4.retr tcp1r tcp1r.retr tcp4r tcp4r.retr udp.pps udp.sent udp.loss ping.avg ping.mdev ping.loss \
+		tcp1.cpugb tcp1.allgb par.total par.min par.jain tcp1flows tcp1flows.cpugb tcp1flows.allgb flows.live; do
 		[ -n "${vals[kernel.$m]:-}${vals[firewall.$m]:-}" ] && raw "$m"
 	done
+	if [ -n "$gobench" ]; then
+		echo
+		echo "The per-packet Go benchmarks (go test -bench, this machine, same run):"
+		echo
+		echo '```'
+		echo "$gobench"
+		echo '```'
+	fi
 	if [ "${#notes[@]}" -gt 0 ]; then
 		echo
 		echo "Problems:"
