@@ -449,6 +449,12 @@ row() {
 	printf '| %s | %s | %s | %s |\n' "$label" "$k" "$f" "$ratio"
 }
 
+# within VARIANT A B: the ratio of VARIANT's medians of metrics A and B.
+within() {
+	awk -v a="$(median <<<"${vals[$1.$2]:-}")" -v b="$(median <<<"${vals[$1.$3]:-}")" \
+		'BEGIN { if (b + 0 > 0 && a != "n/a") printf "%.2f", a / b; else print "n/a" }'
+}
+
 # raw METRIC: every run's value, for judging the spread.
 raw() {
 	printf '| %s | %s | %s |\n' "$1" "$(runs <<<"${vals[kernel.$1]:-}")" "$(runs <<<"${vals[firewall.$1]:-}")"
@@ -488,10 +494,8 @@ report() {
 		row "TCP 1 stream with ${BENCH_FLOWS} live UDP flows (Gbit/s)" tcp1flows %.2f
 		row "live entries in the table after that stream" flows.live %.0f noratio
 		row "forwarding CPU s per GB, with those flows" tcp1flows.cpugb %.3f
-		local kf ff
-		kf=$(awk -v a="$(median <<<"${vals[kernel.tcp1flows]:-}")" -v b="$(median <<<"${vals[kernel.tcp1]:-}")" 'BEGIN { if (b + 0 > 0 && a != "n/a") printf "%.2f", a / b; else print "n/a" }')
-		ff=$(awk -v a="$(median <<<"${vals[firewall.tcp1flows]:-}")" -v b="$(median <<<"${vals[firewall.tcp1]:-}")" 'BEGIN { if (b + 0 > 0 && a != "n/a") printf "%.2f", a / b; else print "n/a" }')
-		printf '| TCP 1 stream, full table / empty table | %s | %s | – |\n' "$kf" "$ff"
+		printf '| TCP 1 stream, full table / empty table | %s | %s | – |\n' \
+			"$(within kernel tcp1flows tcp1)" "$(within firewall tcp1flows tcp1)"
 	fi
 	printf '| firewall peak RSS, VmHWM (MB), %d clients attached | – | %.1f | – |\n' "$BENCH_CLIENTS" "$(awk -v k="$hwm_kb" 'BEGIN { print k / 1024 }')"
 	echo

@@ -176,7 +176,7 @@ func (t *Table) ICMPErrorOut(frame []byte, p *header.Parsed, now int64) *Entry {
 		}
 		k.SrcPort, k.DstPort = q.key.SrcPort, 0
 	}
-	return t.get(t.out, k, now)
+	return t.getOut(k, now)
 }
 
 // RewriteICMPErrorOut is the acting half of TranslateICMPErrorOut, for the

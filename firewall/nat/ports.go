@@ -31,7 +31,9 @@ type uplinkPorts struct {
 }
 
 // newUplinkPorts allocates the maps of one uplink address: 8 KiB of bits
-// and 256 KiB of flow index per protocol, once for the table's life.
+// and 256 KiB of flow index per protocol, once for the table's life. (The
+// bits say no more than flow != 0, but pickPort scans them 64 ports to a
+// word, against the reserved ports' bits.)
 func newUplinkPorts(ip [4]byte) *uplinkPorts {
 	u := &uplinkPorts{ip: ip}
 	for i := range u.flow {

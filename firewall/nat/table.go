@@ -183,12 +183,17 @@ func clientTuple(p *header.Parsed) (Tuple, bool) {
 	return Tuple{}, false
 }
 
-// get returns the live entry idx of m[k], removing it if it has expired.
-func (t *Table) get(m map[Tuple]int32, k Tuple, now int64) *Entry {
-	i, ok := m[k]
+// getOut returns the live entry whose client tuple is k.
+func (t *Table) getOut(k Tuple, now int64) *Entry {
+	i, ok := t.out[k]
 	if !ok {
 		return nil
 	}
+	return t.live(i, now)
+}
+
+// live returns entry i, or nil after removing it if it has expired.
+func (t *Table) live(i int32, now int64) *Entry {
 	if t.slab[i].expires <= now {
 		t.remove(i)
 		t.stats.Expired++
@@ -203,7 +208,7 @@ func (t *Table) LookupOut(p *header.Parsed, now int64) *Entry {
 	if !ok {
 		return nil
 	}
-	return t.get(t.out, k, now)
+	return t.getOut(k, now)
 }
 
 // LookupIn finds the entry of a packet from the uplink, or nil: a TCP/UDP
@@ -243,16 +248,10 @@ func (t *Table) getIn(k Tuple, now int64) *Entry {
 		if i < 0 {
 			return nil
 		}
-		e := &t.slab[i]
-		if e.ct.Proto != k.Proto || e.ct.Dst != k.Dst || e.ct.DstPort != k.DstPort {
+		if e := &t.slab[i]; e.ct.Proto != k.Proto || e.ct.Dst != k.Dst || e.ct.DstPort != k.DstPort {
 			return nil
 		}
-		if e.expires <= now {
-			t.remove(i)
-			t.stats.Expired++
-			return nil
-		}
-		return e
+		return t.live(i, now)
 	}
 	return nil
 }
@@ -277,7 +276,7 @@ func (t *Table) Create(p *header.Parsed, uplinkIP [4]byte, now int64) (*Entry, e
 	if !ok {
 		return nil, ErrUnsupported
 	}
-	if e := t.get(t.out, k, now); e != nil {
+	if e := t.getOut(k, now); e != nil {
 		return e, nil
 	}
 	if held := t.perClient[k.Src]; held >= t.clientMax && held < t.n {

@@ -270,8 +270,9 @@ const bootAttempts = 3
 // TCG, dom0's kernel has hung in early boot (after Xen's "PCI add device"
 // lines, before /init; 1 of 21 boots on this machine on 2026-12-01) — a
 // platform flake like the guests' early-boot triple faults, before
-// anything under test ran. Each retry is logged; the failed attempt's serial log is kept as
-// serial-attempt<N>.log. A boot whose dom0 came up is never retried.
+// anything under test ran. Each retry is logged; the failed attempt's
+// serial log is kept as serial-attempt<N>.log. A boot whose dom0 came up
+// is never retried.
 func bootRetrying(t *testing.T, e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	t.Helper()
 	for attempt := 1; ; attempt++ {

@@ -64,7 +64,7 @@ result() { # SCENARIO PASS|FAIL WHAT [DETAIL...]
 # they are, so a real failure still fails.
 attempt() {
 	at_try=0
-	at_outer=${ATTEMPT_LOG:-} # a round's own buffer (rounds are attempted too)
+	at_outer=${ATTEMPT_LOG:-} # the round's buffer, for scenario i
 	while :; do
 		at_try=$((at_try + 1))
 		at_tf=$(xl dmesg | grep -c "Triple fault")
@@ -72,7 +72,7 @@ attempt() {
 		"$2"
 		ATTEMPT_LOG=$at_outer
 		if [ $at_try -lt 2 ] && grep -q " FAIL " "/tmp/attempt-$1" && [ "$(xl dmesg | grep -c "Triple fault")" != "$at_tf" ]; then
-			result "$1" INFO "platform fault" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120) during the scenario, whose checks failed: run again"
+			result "$1" INFO "platform fault" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120) during $1, whose checks failed: run again"
 			"$3"
 			continue
 		fi
@@ -539,42 +539,38 @@ say "xl info: $(xl info | grep -E 'xen_version|virt_caps' | tr -s ' ' | tr '\n' 
 : > /tmp/results
 envcheck 2>&1 | tee -a /tmp/results
 [ "$ROUNDS" = 0 ] && exit 0
-# Each round is attempted like scenario i: its result lines are held in
-# /tmp/round-R; if a check failed while Xen logged a new guest triple fault
-# (a TCG platform fault, seen in any guest, the firewall's kernel included,
-# at any point of a round), the round runs once more and only the second
-# attempt's results count. Anything else prints as it is.
+# Each round is attempted like scenario i (attempt above): its result lines
+# are held until it ends; if a check failed while Xen logged a new guest
+# triple fault (a TCG platform fault, seen in any guest, the firewall's
+# kernel included, at any point of a round), the round runs once more and
+# only the second attempt's results count.
 #
 # A round runs as its own process group under ROUND_LIMIT seconds (a round
-# takes about 4 minutes here): every command in it is bounded, but should
-# one still block for good, the round ends with a FAIL that names its last
-# check, and the rounds after it still run, rather than the harness's guard
-# stopping the whole boot with nothing to show.
-ROUND_LIMIT=${QGFW_ROUND_LIMIT:-600}
+# takes about 4 minutes here; the harness passes qgfw.roundlimit): every
+# command in it is bounded, but should one still block for good, the round
+# ends with a FAIL that names its last check, and the rounds after it
+# still run, rather than the harness's guard stopping the whole boot with
+# nothing to show.
+ROUND_LIMIT=540
 for a in $(cat /proc/cmdline); do case $a in qgfw.roundlimit=*) ROUND_LIMIT=${a#*=} ;; esac; done
+# run_round: one attempt of round $r, its results into ATTEMPT_LOG, its
+# other output to the console.
+run_round() {
+	rm -f "/tmp/round-$r.ended"
+	rd_t0=$(date +%s)
+	ATTEMPT_LOG=$ATTEMPT_LOG timeout -k 10 "$ROUND_LIMIT" "$0" --round "$r" "$SPEC" 2>&1 | tee -a "/tmp/console-$r" >&3
+	if [ ! -e "/tmp/round-$r.ended" ]; then
+		last=$(grep "^QGFW-XEN result" "$ATTEMPT_LOG" | tail -1 | cut -d" " -f4- | cut -c1-120)
+		result round FAIL "round $r did not end" "within $ROUND_LIMIT s (ran $(($(date +%s) - rd_t0)) s); the last check that reported: ${last:-none}"
+		diag round
+	fi
+}
+# A round cleans up after the one before itself (cleanup, at its start).
+noclean() { :; }
 r=1
 while [ $r -le "$ROUNDS" ]; do
-	rd_try=1
-	while :; do
-		rd_tf=$(xl dmesg | grep -c "Triple fault")
-		: > "/tmp/round-$r"; rm -f "/tmp/round-$r.ended"
-		rd_t0=$(date +%s)
-		ATTEMPT_LOG=/tmp/round-$r timeout -k 10 "$ROUND_LIMIT" "$0" --round $r "$SPEC" 2>&1 | tee -a /tmp/console-$r
-		if [ ! -e "/tmp/round-$r.ended" ]; then
-			R=$r
-			last=$(grep "^QGFW-XEN result" "/tmp/round-$r" | tail -1 | cut -d" " -f4- | cut -c1-120)
-			ATTEMPT_LOG=/tmp/round-$r result round FAIL "round $r did not end" "within $ROUND_LIMIT s (ran $(($(date +%s) - rd_t0)) s); the last check that reported: ${last:-none}"
-			ATTEMPT_LOG= diag round
-		fi
-		if [ $rd_try -lt 2 ] && grep -q " FAIL " "/tmp/round-$r" && [ "$(xl dmesg | grep -c "Triple fault")" != "$rd_tf" ]; then
-			R=$r
-			result round INFO "platform fault" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120) during round $r, whose checks failed ($(grep -c " FAIL " "/tmp/round-$r")): the round runs again" | tee -a /tmp/results
-			rd_try=2
-			continue
-		fi
-		tee -a /tmp/results < "/tmp/round-$r"
-		break
-	done
+	R=$r
+	attempt round run_round noclean | tee -a /tmp/results
 	r=$((r + 1))
 done
 say "xenstored trace: $(wc -l < /run/xenstored.trace) lines"
