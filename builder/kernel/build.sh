@@ -2,8 +2,9 @@
 # build.sh SRC_TARBALL OUTDIR
 #
 # Builds the qubes-go-firewall kernel reproducibly from Debian's
-# linux-source-6.1 tarball: tinyconfig + qgfw.config + olddefconfig, checked
-# by check-config.sh, then bzImage. Writes OUTDIR/vmlinuz (the bzImage, what
+# linux-source-6.1 tarball with the *.patch files beside this script applied:
+# tinyconfig + qgfw.config + olddefconfig, checked by check-config.sh, then
+# bzImage. Writes OUTDIR/vmlinuz (the bzImage, what
 # Qubes boots through Xen's PVH loader), OUTDIR/vmlinux (the ELF with the PVH
 # entry note, for `qemu-system-x86_64 -M microvm`; not stripped, so addresses
 # in an oops can be resolved) and OUTDIR/config.
@@ -50,6 +51,15 @@ tar -xf "$tarball" -C "$work" --no-same-owner --no-same-permissions
 src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n 1)
 [ -n "$src" ] || { echo "kernel: no linux-source-* directory in $tarball" >&2; exit 1; }
 cd "$src"
+
+# The patches next to this script, in name order; each must apply exactly
+# (no fuzz, no offset guessing), so a source update that moves the code
+# fails here rather than building something else.
+for p in "$here"/*.patch; do
+	[ -e "$p" ] || continue
+	echo "kernel: applying $(basename "$p")"
+	patch -p1 -F0 -s --no-backup-if-mismatch < "$p"
+done
 
 # The build runs in the source tree, so paths are mostly relative already;
 # the prefix map catches the rest (assertions, __FILE__ in asm).

@@ -36,8 +36,9 @@ func DefaultPins() Pins {
 			// What tinyconfig + builder/kernel/qgfw.config needs on top of
 			// Debian's essential set: the compiler, objtool's libelf, the
 			// Kconfig parser generators, bc for timeconst, xz for the
-			// source tarball, unzip for the Go toolchain zip.
-			Packages:        []string{"gcc", "libc6-dev", "make", "bc", "bison", "flex", "libelf-dev", "xz-utils", "mawk", "unzip"},
+			// source tarball, unzip for the Go toolchain zip, patch for
+			// builder/kernel/*.patch.
+			Packages:        []string{"gcc", "libc6-dev", "make", "bc", "bison", "flex", "libelf-dev", "xz-utils", "mawk", "unzip", "patch"},
 			SourceDateEpoch: epoch,
 		},
 		SourceDateEpoch: epoch,
