@@ -37,6 +37,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -256,6 +257,8 @@ type results struct {
 var (
 	resultRE   = regexp.MustCompile(`^QGFW-XEN result (\d+) (\S+) (PASS|FAIL|INFO) (.*)$`)
 	progressRE = regexp.MustCompile(`^QGFW-XEN progress (\d+) `)
+	// retryRE: dom0 runs a round again after a platform fault.
+	retryRE = regexp.MustCompile(`^QGFW-XEN result \d+ round INFO platform fault `)
 )
 
 // silence is how long the serial line may stay quiet: dom0 prints a
@@ -292,10 +295,17 @@ func bootRetrying(t *testing.T, e xenEnv, initrd, spec, serial, dir string) (res
 // log-begin and log-end lines are saved in dir.
 func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	res := results{pass: map[key]int{}, fail: map[key]int{}, crashes: map[string]string{}}
-	ctx, stop := context.WithTimeout(context.Background(), e.guard)
-	defer stop()
-	ctx, cancel := context.WithCancelCause(ctx)
+	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
+	// The guard; each round dom0 runs again after a platform fault gets
+	// another round's worth (retryRE).
+	var allowed atomic.Int64 // read by the timer's goroutine
+	allowed.Store(int64(e.guard))
+	deadline := time.Now().Add(e.guard)
+	guard := time.AfterFunc(e.guard, func() {
+		cancel(fmt.Errorf("QEMU still running after the %v guard: killed", time.Duration(allowed.Load())))
+	})
+	defer guard.Stop()
 	quiet := time.AfterFunc(silence, func() {
 		cancel(fmt.Errorf("no output from Xen or dom0 for %v (not even dom0's heartbeat): QEMU killed", silence))
 	})
@@ -395,6 +405,12 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 		if strings.HasPrefix(q, "QGFW-XEN diag ") {
 			res.diag = append(res.diag, q)
 		}
+		if retryRE.MatchString(q) {
+			extra := time.Duration(e.roundLimit)*time.Second + time.Minute
+			allowed.Add(int64(extra))
+			deadline = deadline.Add(extra)
+			guard.Reset(time.Until(deadline))
+		}
 		if m := resultRE.FindStringSubmatch(q); m != nil {
 			r, _ := strconv.Atoi(m[1])
 			switch m[3] {
@@ -411,9 +427,6 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	}
 	werr := cmd.Wait()
 	if cause := context.Cause(ctx); cause != nil {
-		if cause == context.DeadlineExceeded {
-			return res, fmt.Errorf("QEMU still running after the %v guard: killed", e.guard)
-		}
 		return res, cause
 	}
 	if werr != nil {

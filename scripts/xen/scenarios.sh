@@ -57,13 +57,14 @@ result() { # SCENARIO PASS|FAIL WHAT [DETAIL...]
 		echo "QGFW-XEN result $R $s $v $w $*"
 	fi
 }
-# attempt SCENARIO FUNC CLEAN: run FUNC, whose checks report SCENARIO; if
-# any failed while Xen reported a guest triple fault (a TCG platform fault:
-# no program in a guest can make its kernel triple-fault), say so, run
-# CLEAN and FUNC once more. The second attempt's results stand, whatever
-# they are, so a real failure still fails.
+# attempt SCENARIO FUNC CLEAN [TRIES]: run FUNC, whose checks report
+# SCENARIO; if any failed while Xen reported a guest triple fault (a TCG
+# platform fault: no program in a guest can make its kernel triple-fault),
+# say so, run CLEAN and FUNC again, up to TRIES (default 2) attempts in all.
+# The last attempt's results stand, whatever they are, so a real failure
+# still fails.
 attempt() {
-	at_try=0
+	at_try=0 at_max=${4:-2}
 	at_outer=${ATTEMPT_LOG:-} # the round's buffer, for scenario i
 	while :; do
 		at_try=$((at_try + 1))
@@ -71,7 +72,7 @@ attempt() {
 		ATTEMPT_LOG=/tmp/attempt-$1; : > "$ATTEMPT_LOG"
 		"$2"
 		ATTEMPT_LOG=$at_outer
-		if [ $at_try -lt 2 ] && grep -q " FAIL " "/tmp/attempt-$1" && [ "$(xl dmesg | grep -c "Triple fault")" != "$at_tf" ]; then
+		if [ $at_try -lt "$at_max" ] && grep -q " FAIL " "/tmp/attempt-$1" && [ "$(xl dmesg | grep -c "Triple fault")" != "$at_tf" ]; then
 			result "$1" INFO "platform fault" "$(xl dmesg | grep "Triple fault" | tail -1 | cut -c1-120) during $1, whose checks failed: run again"
 			"$3"
 			continue
@@ -550,8 +551,9 @@ envcheck 2>&1 | tee -a /tmp/results
 # Each round is attempted like scenario i (attempt above): its result lines
 # are held until it ends; if a check failed while Xen logged a new guest
 # triple fault (a TCG platform fault, seen in any guest, the firewall's
-# kernel included, at any point of a round), the round runs once more and
-# only the second attempt's results count.
+# kernel included, at any point of a round), the round runs again, up to
+# three attempts, and only the last attempt's results count. The harness
+# gives each retried round another ROUND_LIMIT (+ 1 min) on its guard.
 #
 # A round runs as its own process group under ROUND_LIMIT seconds (a round
 # takes about 4 minutes here; the harness passes qgfw.roundlimit): every
@@ -578,7 +580,7 @@ noclean() { :; }
 r=1
 while [ $r -le "$ROUNDS" ]; do
 	R=$r
-	attempt round run_round noclean | tee -a /tmp/results
+	attempt round run_round noclean 3 | tee -a /tmp/results
 	r=$((r + 1))
 done
 say "xenstored trace: $(wc -l < /run/xenstored.trace) lines"
