@@ -216,7 +216,7 @@ func (t *Table) check() string {
 		live++
 		per[e.ct.Src]++
 		u := t.uplinks[e.slot]
-		if t.out[e.ct] != int32(i) || u.flow[protoIndex(e.ct.Proto)][e.natPort] != int32(i)+1 {
+		if t.out.find(e.ct, t.slab) != int32(i) || u.flow[protoIndex(e.ct.Proto)][e.natPort] != int32(i)+1 {
 			return "entry missing from the outbound map or the inbound index"
 		}
 		if u.ip != e.uplink || !u.used[protoIndex(e.ct.Proto)].has(e.natPort) {
@@ -229,7 +229,7 @@ func (t *Table) check() string {
 			return "port out of range"
 		}
 	}
-	if live != t.n || len(t.out) != t.n || t.n > len(t.slab) {
+	if live != t.n || t.out.n != t.n || t.n > len(t.slab) {
 		return "counts disagree"
 	}
 	// Every inbound index slot names a live entry that holds that port.
