@@ -62,6 +62,12 @@ const defaultCPU = "max,-smap,-smep,-xsave"
 // ends.
 var crashRE = regexp.MustCompile(`fatal error|^panic:|SIGSEGV|Attempted to kill init|unexpected fault address`)
 
+// roundBudget is what the guard allows for one round: dom0's limit on a
+// round and a minute.
+func (e xenEnv) roundBudget() time.Duration {
+	return time.Duration(e.roundLimit)*time.Second + time.Minute
+}
+
 type xenEnv struct {
 	dist, logs, cache string
 	cpu               string
@@ -95,7 +101,7 @@ func needXen(t *testing.T) xenEnv {
 		dom0Deadline: time.Duration(envInt(t, "QGFW_XEN_DOM0_DEADLINE", 120)) * time.Second,
 	}
 	// The guard stops a run whose dom0 no longer ends its rounds.
-	e.guard = 5*time.Minute + time.Duration(e.rounds)*(time.Duration(e.roundLimit)*time.Second+time.Minute)
+	e.guard = 5*time.Minute + time.Duration(e.rounds)*e.roundBudget()
 	for _, f := range []string{"kit/xen.elf", "kit/vmlinuz", "qubesdb.current"} {
 		if _, err := os.Stat(filepath.Join(e.cache, f)); err != nil {
 			t.Fatalf("%v: run scripts/xen/prepare.sh first", err)
@@ -298,10 +304,10 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	// The guard; each round dom0 runs again after a platform fault gets
-	// another round's worth (retryRE).
+	// another roundBudget (retryRE).
+	start := time.Now()
 	var allowed atomic.Int64 // read by the timer's goroutine
 	allowed.Store(int64(e.guard))
-	deadline := time.Now().Add(e.guard)
 	guard := time.AfterFunc(e.guard, func() {
 		cancel(fmt.Errorf("QEMU still running after the %v guard: killed", time.Duration(allowed.Load())))
 	})
@@ -406,10 +412,7 @@ func boot(e xenEnv, initrd, spec, serial, dir string) (results, error) {
 			res.diag = append(res.diag, q)
 		}
 		if retryRE.MatchString(q) {
-			extra := time.Duration(e.roundLimit)*time.Second + time.Minute
-			allowed.Add(int64(extra))
-			deadline = deadline.Add(extra)
-			guard.Reset(time.Until(deadline))
+			guard.Reset(time.Until(start.Add(time.Duration(allowed.Add(int64(e.roundBudget()))))))
 		}
 		if m := resultRE.FindStringSubmatch(q); m != nil {
 			r, _ := strconv.Atoi(m[1])
