@@ -23,6 +23,10 @@
 #   BENCH_BIN=            directory with prebuilt firewall and qubesdb binaries
 #   BENCH_CLIENTS=8       clients of the parallel run (1: none)
 #   BENCH_FLOWS=50000     live UDP flows for the full-table run (0: none)
+#   BENCH_FW_ARGS=        extra flags for the firewall (e.g. -loop=false)
+#   BENCH_FW_CPUS=N-1     CPU list the firewall is pinned to (taskset -c;
+#                         default the last CPU: one, as the VM's one vCPU;
+#                         Go then runs with GOMAXPROCS 1); empty: not pinned
 set -euo pipefail
 
 BENCH_TIME=${BENCH_TIME:-8}
@@ -35,6 +39,8 @@ BENCH_OUT=${BENCH_OUT:-dist/bench}
 BENCH_BIN=${BENCH_BIN:-}
 BENCH_FLOWS=${BENCH_FLOWS:-50000}
 BENCH_CLIENTS=${BENCH_CLIENTS:-8}
+BENCH_FW_ARGS=${BENCH_FW_ARGS:-}
+BENCH_FW_CPUS=${BENCH_FW_CPUS-$(($(nproc) - 1))}
 
 CLIENT_IP=10.137.0.20
 FW_IP=10.137.0.5
@@ -57,7 +63,7 @@ if ! command -v jq >/dev/null; then
 	{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends jq; } >/dev/null ||
 		die "cannot install jq"
 fi
-for tool in ip nft iperf3 ping jq python3 go; do
+for tool in ip nft iperf3 ping jq python3 go taskset; do
 	command -v "$tool" >/dev/null || die "missing $tool (run ./scripts/setup-host.sh)"
 done
 
@@ -209,8 +215,11 @@ setup_firewall() {
 	local i
 	for i in $(seq 50); do [ -S "$work/qubesdb.sock" ] && break; sleep 0.1; done
 	[ -S "$work/qubesdb.sock" ] || die "qubesdb server did not start: $(cat "$work/qubesdb.log")"
-	spawn "$work/firewall.log" firewall fw "$work/firewall" -uplink eth0 \
-		-client "vif1=$CLIENT_IP" "${extra[@]}" -qubesdb "$work/qubesdb.sock" -stats-interval 10s
+	local pin=()
+	[ -n "$BENCH_FW_CPUS" ] && pin=(taskset -c "$BENCH_FW_CPUS")
+	# shellcheck disable=SC2086 # BENCH_FW_ARGS is a list of flags
+	spawn "$work/firewall.log" firewall fw "${pin[@]}" "$work/firewall" -uplink eth0 \
+		-client "vif1=$CLIENT_IP" "${extra[@]}" -qubesdb "$work/qubesdb.sock" -stats-interval 10s $BENCH_FW_ARGS
 	fw_pid=$spawned
 }
 
@@ -467,6 +476,8 @@ report() {
 	echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), $(nproc) CPUs, load average $load_start at the start," \
 		"$(cut -d' ' -f1-3 /proc/loadavg) at the end; iperf3 $BENCH_TIME s per run, median of $BENCH_RUNS runs" \
 		"(alternating order), measuring took ${elapsed} s."
+	echo
+	echo "Firewall: pinned to CPUs ${BENCH_FW_CPUS:-none (not pinned)}, extra flags: ${BENCH_FW_ARGS:-none}."
 	echo
 	echo "| metric | kernel | firewall | firewall/kernel |"
 	echo "|---|---:|---:|---:|"

@@ -130,6 +130,7 @@ type Link struct {
 	rc      syscall.RawConn
 	closed  atomic.Bool
 
+	loop   atomic.Pointer[Loop] // the Loop serving the link, if one does
 	rx     rxState
 	rxWant atomic.Int32 // receive slots the budget gives; the reader resizes
 	rxHave atomic.Int32 // receive slots the reader has
@@ -158,6 +159,7 @@ type rxState struct {
 	ctrl  []byte // auxDataSpace bytes per message for the PACKET_AUXDATA cmsg
 
 	recv  func(fd uintptr) bool // prebuilt so that ReadBatch does not allocate a closure
+	wait  bool                  // recv lets the poller wait on EAGAIN
 	vlen  int
 	n     int
 	errno unix.Errno
@@ -311,7 +313,7 @@ func (l *Link) initRx(n int) {
 	}
 	r.recv = func(fd uintptr) bool {
 		n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.vlen), 0, 0, 0)
-		if e == unix.EAGAIN {
+		if e == unix.EAGAIN && r.wait {
 			return false
 		}
 		r.n, r.errno = int(n), e
@@ -359,7 +361,11 @@ func (l *Link) Close() error {
 	if l.cfg.Budget != nil {
 		l.cfg.Budget.leave(l)
 	}
-	if err := l.file.Close(); err != nil {
+	err := l.file.Close()
+	if lp := l.loop.Load(); lp != nil {
+		lp.poke() // a closed socket leaves the epoll set silently
+	}
+	if err != nil {
 		return fmt.Errorf("close %s: %w", l.name, err)
 	}
 	return nil

@@ -16,10 +16,19 @@ import (
 // socket has frames and returns at most Config.BatchSize of them; frames
 // point into the link's receive slots.
 func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
+	return l.read(frames, true)
+}
+
+// read is ReadBatch; without wait (a Loop's read of a link it was told is
+// readable) it makes one recvmmsg call and returns what that gave, perhaps
+// nothing, so that one link's flood of frames it drops cannot keep the
+// loop from the others.
+func (l *Link) read(frames []link.Frame, wait bool) (int, error) {
 	r := &l.rx
 	if len(frames) == 0 {
 		return 0, nil
 	}
+	r.wait = wait
 	for {
 		if l.closed.Load() {
 			return 0, link.ErrClosed
@@ -48,9 +57,11 @@ func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 		}
 		switch r.errno {
 		case 0:
-			if got := l.takeFrames(frames); got > 0 {
+			if got := l.takeFrames(frames); got > 0 || !wait {
 				return got, nil
 			}
+		case unix.EAGAIN: // only without wait
+			return 0, nil
 		case unix.EINTR:
 		case unix.EINVAL:
 			// The kernel could not describe a frame in a virtio_net_hdr
@@ -62,6 +73,9 @@ func (l *Link) ReadBatch(frames []link.Frame) (int, error) {
 			l.count(&l.rxErrors, 1, "interface down")
 			if err := l.checkInterface(); err != nil {
 				return 0, fmt.Errorf("read %s: %w", l.name, err)
+			}
+			if !wait {
+				return 0, nil
 			}
 		default:
 			return 0, fmt.Errorf("read %s: recvmmsg: %w", l.name, r.errno)

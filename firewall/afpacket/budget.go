@@ -150,7 +150,8 @@ func (b *Budget) rebalanceLocked() {
 }
 
 // setShare applies s: the socket queues at once, the slots at the reader's
-// next turn, which a deadline in the past brings forward when it waits.
+// next turn, which a deadline in the past (or its Loop's poke) brings
+// forward when it waits.
 func (l *Link) setShare(old, s Share) {
 	if s.SocketBuffer != old.SocketBuffer && l.cfg.SocketBuffer == 0 {
 		err := l.rc.Control(func(fd uintptr) {
@@ -170,6 +171,10 @@ func (l *Link) setShare(old, s Share) {
 	// (a netvm change, when the kernel itself needs memory for the new
 	// netfront).
 	if prev := int(l.rxWant.Swap(int32(s.Batch))); s.Batch < prev {
-		_ = l.file.SetReadDeadline(time.Now())
+		if lp := l.loop.Load(); lp != nil {
+			lp.poke()
+		} else {
+			_ = l.file.SetReadDeadline(time.Now())
+		}
 	}
 }

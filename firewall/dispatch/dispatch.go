@@ -48,6 +48,17 @@ type Config struct {
 	EchoRepliesPerSecond, EchoReplyBurst float64
 	// LogBurst bounds per-packet log lines per second (default 20).
 	LogBurst int
+	// Loop, when set, reads the links for Serve, all from its one
+	// goroutine; nil: each Serve reads its link itself.
+	Loop Loop
+}
+
+// A Loop reads many links from one goroutine (afpacket.Loop). Serve calls
+// input with each batch read from l, from the loop's goroutine, until l
+// fails or is closed (link.ErrClosed) or ctx is done (its error), and
+// returns only when input is no longer called.
+type Loop interface {
+	Serve(ctx context.Context, l link.Link, input func([]link.Frame)) error
 }
 
 // Dispatcher forwards frames between attached links. All methods are safe
@@ -226,8 +237,19 @@ func (d *Dispatcher) Detach(p *Port) {
 func (p *Port) Link() link.Link { return p.link }
 
 // Serve reads batches from p's link and processes them until the link
-// fails or ctx is done.
+// fails or is closed (nil) or ctx is done. With Config.Loop the loop reads
+// and Serve waits.
 func (d *Dispatcher) Serve(ctx context.Context, p *Port) error {
+	if d.cfg.Loop != nil {
+		err := d.cfg.Loop.Serve(ctx, p.link, p.Input)
+		switch {
+		case errors.Is(err, link.ErrClosed):
+			return nil
+		case err != nil && ctx.Err() == nil:
+			return fmt.Errorf("serve %s: %w", p.link.Name(), err)
+		}
+		return ctx.Err()
+	}
 	frames := make([]link.Frame, 64)
 	for ctx.Err() == nil {
 		n, err := p.link.ReadBatch(frames)

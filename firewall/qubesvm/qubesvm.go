@@ -46,6 +46,10 @@ type Config struct {
 	BSDIP, BSDGateway netip.Addr
 	BSDDNS            []netip.Addr
 
+	// Loop, when set, reads every link from one goroutine; Run runs it.
+	// nil: a reader goroutine per link.
+	Loop *afpacket.Loop
+
 	NATTableSize int
 	NATClientMax int // one client's share of the NAT table; 0: half
 	StatsEvery   time.Duration
@@ -59,7 +63,11 @@ func Run(ctx context.Context, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: cfg.NATTableSize, ClientMax: cfg.NATClientMax}})
+	dcfg := dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: cfg.NATTableSize, ClientMax: cfg.NATClientMax}}
+	if cfg.Loop != nil {
+		dcfg.Loop = cfg.Loop // not a typed nil inside the interface
+	}
+	d := dispatch.New(dcfg)
 	uplink := cfg.Uplink
 	if cfg.BSDIP.IsValid() {
 		uplink = "" // the uplink is the netvm's vif, attached by discovery
@@ -83,7 +91,14 @@ func Run(ctx context.Context, cfg Config) error {
 		wg.Wait()
 	}()
 	att := &attacher{ctx: ctx, d: d, ctl: ctl, cfg: cfg, wg: &wg, logf: logf}
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
+	if cfg.Loop != nil {
+		wg.Go(func() {
+			if err := cfg.Loop.Run(ctx); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("link loop: %w", err)
+			}
+		})
+	}
 	wg.Go(func() { res.Run(ctx) })
 	wg.Go(func() { ctl.Run(ctx, time.Second) })
 	wg.Go(func() {

@@ -70,6 +70,7 @@ type options struct {
 	natSize    int
 	sockBuf    int
 	statsEvery time.Duration
+	loop       bool
 }
 
 func main() {
@@ -116,6 +117,7 @@ Flags:
 	fs.IntVar(&o.natSize, "nat-table-size", 0, "NAT table entries (0: sized from available memory)")
 	fs.IntVar(&o.sockBuf, "socket-buffer", 0, "kernel receive/send buffer per link in bytes (0: up to 4 MiB, less in small VMs); too small a buffer drops GSO super-frames under load")
 	fs.DurationVar(&o.statsEvery, "stats-interval", time.Minute, "how often to log counters (0: never)")
+	fs.BoolVar(&o.loop, "loop", true, "read every link from one goroutine (an epoll loop), as in the VM; false: a reader goroutine per link")
 	fs.Parse(os.Args[1:])
 	if o.uplink == "" || len(o.clients) == 0 || fs.NArg() != 0 {
 		fs.Usage()
@@ -131,10 +133,27 @@ func run(o options, logf func(string, ...any)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	d := dispatch.New(dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: natSize(o.natSize, memTotal())}})
+	dcfg := dispatch.Config{Logf: logf, NAT: nat.Config{MaxEntries: natSize(o.natSize, memTotal())}}
 	var wg sync.WaitGroup
+	if o.loop {
+		lp, err := afpacket.NewLoop()
+		if err != nil {
+			return fmt.Errorf("link loop: %w", err)
+		}
+		dcfg.Loop = lp
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := lp.Run(ctx); err != nil && ctx.Err() == nil {
+				logf("firewall: link loop: %v", err)
+				stop()
+			}
+		}()
+	}
+	d := dispatch.New(dcfg)
 	var links []link.Link
 	defer func() {
+		stop() // the loop runs until ctx ends, also on an early error return
 		for _, l := range links {
 			l.Close()
 		}

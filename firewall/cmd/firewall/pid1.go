@@ -130,7 +130,9 @@ func runPID1() {
 		StatsEvery:   time.Minute,
 		Logf:         logf,
 	}
-	qubesLinks(&cfg, total, logf)
+	if err := qubesLinks(&cfg, total, logf); err != nil {
+		fatal(logf, err)
+	}
 	if err := qubesvm.Run(ctx, cfg); err != nil {
 		fatal(logf, err)
 	}
@@ -250,7 +252,10 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 		logf("firewall: -ipv4 and -ipv4-gw go together")
 		return 2
 	}
-	qubesLinks(&cfg, total, logf)
+	if err := qubesLinks(&cfg, total, logf); err != nil {
+		logf("firewall: %v", err)
+		return 1
+	}
 	if err := qubesvm.Run(ctx, cfg); err != nil {
 		logf("firewall: %v", err)
 		return 1
@@ -264,11 +269,17 @@ func runXenCommand(args []string, logf func(string, ...any)) int {
 // shrinks each link's buffers instead of exhausting the VM (32 MB must
 // carry 10 clients, 64 MB 30). Client links never wait for a full send
 // queue; the uplink, which carries every client's traffic, has the
-// largest part.
-func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) {
+// largest part. One afpacket.Loop reads them all: the VM has one vCPU.
+func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) error {
+	lp, err := afpacket.NewLoop()
+	if err != nil {
+		return fmt.Errorf("link loop: %w", err)
+	}
+	cfg.Loop = lp
 	b := linkBudget(total, logf)
 	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4, Reserved: true})
 	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
+	return nil
 }
 
 // linkBudget divides the VM's memory: an eighth for the links' receive
