@@ -134,7 +134,10 @@ type Link struct {
 	rx     rxState
 	rxWant atomic.Int32 // receive slots the budget gives; the reader resizes
 	rxHave atomic.Int32 // receive slots the reader has
-	tx     txState
+	// fullReads counts reads that filled every slot (the socket held
+	// more): the Budget's sign of a link that wants a larger share.
+	fullReads atomic.Uint32
+	tx        txState
 
 	// Counters. The reader updates the receive ones once per batch.
 	framesIn, bytesIn, framesOut, bytesOut atomic.Uint64

@@ -57,6 +57,9 @@ func (l *Link) read(frames []link.Frame, wait bool) (int, error) {
 		}
 		switch r.errno {
 		case 0:
+			if r.n == r.vlen && l.cfg.Budget != nil {
+				l.fullReads.Add(1)
+			}
 			if got := l.takeFrames(frames); got > 0 || !wait {
 				return got, nil
 			}

@@ -1,6 +1,7 @@
 package afpacket
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -17,7 +18,7 @@ import (
 // VM dies).
 //
 // A link's share sets two things, both again whenever a link opens or
-// closes:
+// closes, and when Adapt moves memory to where the traffic is:
 //   - its receive slots (Go heap, FrameSize+10 bytes each): between
 //     minBatch and Config.BatchSize of them. A reader blocked in ReadBatch
 //     is woken so that a smaller share is given back at once, not at its
@@ -31,6 +32,7 @@ type Budget struct {
 
 	mu    sync.Mutex
 	links map[*Link]Share
+	heat  map[*Link]int // Adapt's multiplier of each link's weight
 }
 
 // Share is what a Budget gives one link.
@@ -53,7 +55,7 @@ const (
 // included), of which each link first pays perLink bytes of slot memory
 // for buffers its user keeps (the dispatcher's arena).
 func NewBudget(slots, queues, perLink int) *Budget {
-	return &Budget{slots: slots, queues: queues, perLink: perLink, links: map[*Link]Share{}}
+	return &Budget{slots: slots, queues: queues, perLink: perLink, links: map[*Link]Share{}, heat: map[*Link]int{}}
 }
 
 // Shares returns the current share of each open link, by name.
@@ -114,6 +116,7 @@ func (b *Budget) join(l *Link) error {
 		}
 	}
 	b.links[l] = Share{}
+	b.heat[l] = 1
 	b.rebalanceLocked()
 	return nil
 }
@@ -125,19 +128,88 @@ func (b *Budget) leave(l *Link) {
 		return
 	}
 	delete(b.links, l)
+	delete(b.heat, l)
 	b.rebalanceLocked()
+}
+
+// maxHeat bounds how far Adapt raises a busy link's weight.
+const maxHeat = 8
+
+// Adapt moves memory to where the traffic is: a link whose reads filled
+// its whole batch since the last call (the socket held more than one
+// call could take) has its weight doubled, up to maxHeat times its
+// Config.Weight; a link without such a read has it halved, down to its
+// Config.Weight. Shares change only when a weight did. Call it about
+// once a second (Run does): each change reallocates receive slots, so
+// not on every batch.
+func (b *Budget) Adapt() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	changed := false
+	for l := range b.links {
+		h := b.heat[l]
+		if l.fullReads.Swap(0) > 0 {
+			h = min(2*h, maxHeat)
+		} else {
+			h = max(h/2, 1)
+		}
+		if h != b.heat[l] {
+			b.heat[l] = h
+			changed = true
+		}
+	}
+	if changed {
+		b.rebalanceLocked()
+	}
+}
+
+// Run calls Adapt every second until ctx is done.
+func (b *Budget) Run(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			b.Adapt()
+		}
+	}
 }
 
 func (b *Budget) rebalanceLocked() {
 	weights := 0
 	for l := range b.links {
-		weights += l.cfg.Weight
+		weights += l.cfg.Weight * b.heat[l]
 	}
-	slots := max(0, b.slots-len(b.links)*b.perLink)
+	// Slots by weight, water-filled: a link whose part is more than it
+	// can use (Config.BatchSize slots) gets what it can use, and the rest
+	// is divided again among the others.
+	free, pool := max(0, b.slots-len(b.links)*b.perLink), weights
+	batch := make(map[*Link]int, len(b.links))
+	for capped := true; capped; {
+		capped = false
+		for l := range b.links {
+			if _, ok := batch[l]; ok {
+				continue
+			}
+			if w := l.cfg.Weight * b.heat[l]; free*w/pool/l.rx.slot >= l.cfg.BatchSize {
+				batch[l] = l.cfg.BatchSize
+				free -= l.cfg.BatchSize * l.rx.slot
+				pool -= w
+				capped = true
+			}
+		}
+	}
 	for l, old := range b.links {
+		w := l.cfg.Weight * b.heat[l]
+		n, ok := batch[l]
+		if !ok {
+			n = max(free*w/pool/l.rx.slot, minBatch)
+		}
 		s := Share{
-			Batch:        min(max(slots*l.cfg.Weight/weights/l.rx.slot, minBatch), l.cfg.BatchSize),
-			SocketBuffer: min(max(b.queues*l.cfg.Weight/weights/4, minSocketBuffer), maxSocketBuffer),
+			Batch:        n,
+			SocketBuffer: min(max(b.queues*w/weights/4, minSocketBuffer), maxSocketBuffer),
 		}
 		if l.cfg.SocketBuffer > 0 {
 			s.SocketBuffer = l.cfg.SocketBuffer // set by the caller

@@ -46,9 +46,10 @@ func TestBudget(t *testing.T) {
 		blocked <- err
 	}()
 	c1 := open(1, 1)
-	// weights 3+1: 32 slots after overhead -> 24 and 8
+	// weights 3+1: 32 slots after overhead -> 24 and 8; the uplink can
+	// use only 16 (BatchSize), the rest goes to c1, which can use 16
 	want(up, 16, 3*(4<<20)/4/4)
-	want(c1, 8, (4<<20)/4/4)
+	want(c1, 16, (4<<20)/4/4)
 	c2, c3 := open(2, 1), open(3, 1)
 	// 34-4 = 30 slots over weight 6: 15 and 5; queues 4 MiB/6/4 each unit
 	want(up, 15, 3*(4<<20)/6/4)
@@ -87,7 +88,7 @@ func TestBudget(t *testing.T) {
 	c3.Close()
 	c2.Close()
 	want(up, 16, 3*(4<<20)/4/4)
-	want(c1, 8, (4<<20)/4/4)
+	want(c1, 16, (4<<20)/4/4)
 	small := NewBudget(admitSlots*slot, 0, slot)
 	openIn(t, fw, "f1", Config{Budget: small, Reserved: true})
 	if s := small.Shares()["f1"]; s.Batch != minBatch || s.SocketBuffer != minSocketBuffer {
@@ -107,5 +108,77 @@ func TestBudget(t *testing.T) {
 	}
 	if len(small.Shares()) != 1 {
 		t.Fatalf("the refused link is in the budget: %v", small.Shares())
+	}
+}
+
+// TestBudgetAdapt: a link whose reads fill its batch gains slots from the
+// idle ones, within the budget and above their floor, and gives them back
+// once it is quiet again.
+func TestBudgetAdapt(t *testing.T) {
+	fw, peer := newNetns(t, "fw"), newNetns(t, "peer")
+	needRoot(t)
+	const slot = vnetHdrLen + link.MaxFrame
+	b := NewBudget(24*slot, 4<<20, 0)
+	var links []*Link
+	for i := range 3 {
+		f, p := fmt.Sprintf("f%d", i), fmt.Sprintf("p%d", i)
+		veth(t, fw, f, fmt.Sprintf("02:00:00:00:01:%02x", i), peer, p, fmt.Sprintf("02:00:00:00:02:%02x", i))
+		links = append(links, openIn(t, fw, f, Config{Budget: b, BatchSize: 16}))
+	}
+	busy := links[0]
+	batches := func() (got []int, total int) {
+		for _, l := range links {
+			n := b.Shares()[l.name].Batch
+			got = append(got, n)
+			total += n
+		}
+		return got, total
+	}
+	if got, _ := batches(); got[0] != 8 || got[1] != 8 || got[2] != 8 {
+		t.Fatalf("equal weights: batches %v, want 8 each", got)
+	}
+	// A real full read: more frames queued than the link has slots.
+	fd, ifindex := rawSocket(t, peer, "p0")
+	for i := range 20 {
+		fr := testFrame(busy.MAC(), [6]byte{2, 0, 0, 0, 2, 0}, 100, 'A', i)
+		if err := unix.Sendto(fd, fr, 0, &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(testEtherType)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	readTestFrames(t, busy, 8)
+	if n := busy.fullReads.Load(); n == 0 {
+		t.Fatal("a read that filled the batch was not counted")
+	}
+	b.Adapt()
+	prev := 8
+	for round := 0; ; round++ {
+		got, total := batches()
+		t.Logf("busy round %d: batches %v", round, got)
+		if total > 24 || got[1] < minBatch || got[2] < minBatch {
+			t.Fatalf("batches %v: over the budget of 24 or below the floor", got)
+		}
+		if got[0] < prev {
+			t.Fatalf("the busy link's share fell: %v", got)
+		}
+		if got[0] == prev && round > 0 {
+			break // at maxHeat
+		}
+		if round == 10 {
+			t.Fatalf("no steady share after 10 rounds: %v", got)
+		}
+		prev = got[0]
+		busy.fullReads.Add(1) // as its reads keep filling the batch
+		b.Adapt()
+	}
+	// The busy link is capped at its BatchSize; what it cannot use stays
+	// with the others.
+	if got, _ := batches(); got[0] != 16 || got[1] != 4 || got[2] != 4 {
+		t.Fatalf("busy link: batches %v, want 16 (its BatchSize) and 4 each for the others", got)
+	}
+	for range 5 { // quiet again: halved each round, back to its weight
+		b.Adapt()
+	}
+	if got, _ := batches(); got[0] != 8 || got[1] != 8 || got[2] != 8 {
+		t.Fatalf("after the traffic stopped: batches %v, want 8 each", got)
 	}
 }

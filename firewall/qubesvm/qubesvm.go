@@ -49,6 +49,9 @@ type Config struct {
 	// Loop, when set, reads every link from one goroutine; Run runs it.
 	// nil: a reader goroutine per link.
 	Loop *afpacket.Loop
+	// Budget, when set, is the links' memory budget; Run has it follow
+	// the traffic (Budget.Run).
+	Budget *afpacket.Budget
 
 	NATTableSize int
 	NATClientMax int // one client's share of the NAT table; 0: half
@@ -98,6 +101,9 @@ func Run(ctx context.Context, cfg Config) error {
 				errc <- fmt.Errorf("link loop: %w", err)
 			}
 		})
+	}
+	if cfg.Budget != nil {
+		wg.Go(func() { cfg.Budget.Run(ctx) })
 	}
 	wg.Go(func() { res.Run(ctx) })
 	wg.Go(func() { ctl.Run(ctx, time.Second) })

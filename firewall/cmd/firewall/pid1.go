@@ -277,6 +277,7 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) err
 	}
 	cfg.Loop = lp
 	b := linkBudget(total, logf)
+	cfg.Budget = b
 	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4, Reserved: true})
 	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
 	return nil
