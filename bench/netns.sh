@@ -442,7 +442,7 @@ fw_sockdrops=$(ip netns exec "$(ns firewall fw)" ss -0 -a -m -n -H 2>&1 | tr -s 
 fw_stats=$(grep 'forwarded' "$work/firewall.log" | tail -n 1 | sed 's/^.*firewall: //') || true
 # The fast path's ns/packet and allocations, measured after the streams.
 echo "bench: Go benchmarks of the per-packet path" >&2
-gobench=$(cd "$repo/firewall" && GOTOOLCHAIN=local go test -run '^$' -bench '^Benchmark(FastPath|ManyFlows|EchoReply)$' -benchtime 1s -benchmem ./dispatch ./nat 2>&1 |
+gobench=$(cd "$repo/firewall" && GOTOOLCHAIN=local go test -run '^$' -bench '^Benchmark(FastPath|FastPathBatch|ManyFlows|EchoReply)$' -benchtime 1s -benchmem ./dispatch ./nat 2>&1 |
 	grep -E '^(Benchmark|ok|FAIL)' | sed -E 's/[[:space:]]+/ /g') || true
 
 # row LABEL METRIC FORMAT [noratio]: median of both variants and the
