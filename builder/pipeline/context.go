@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
 )
@@ -72,24 +73,31 @@ func prepareContext(ctx context.Context, cache *inputs.Cache, opts Options, dir 
 			}
 		}
 		for _, rel := range local {
-			if err := copyDir(filepath.Join(m.modDir, filepath.FromSlash(rel)), filepath.Join(dst, filepath.FromSlash(rel)), true); err != nil {
+			if err := copyDir(filepath.Join(m.modDir, filepath.FromSlash(rel)), filepath.Join(dst, filepath.FromSlash(rel)), notTest); err != nil {
 				return err
 			}
 		}
 	}
-	return copyDir(filepath.Join(src, "builder", "kernel"), filepath.Join(dir, "src", "builder", "kernel"), false)
+	return copyDir(filepath.Join(src, "builder", "kernel"), filepath.Join(dir, "src", "builder", "kernel"), notDoc)
 }
 
-// copyDir copies the regular files directly in from (not subdirectories);
-// goOnly skips Go test files, which no stage builds.
-func copyDir(from, to string, goOnly bool) error {
+// notTest skips Go test files, which no stage builds.
+func notTest(name string) bool { return !strings.HasSuffix(name, "_test.go") }
+
+// notDoc skips documentation: editing the kernel's README must not
+// invalidate the kernel stage's cached layers (a 10-minute build).
+func notDoc(name string) bool { return !strings.HasSuffix(name, ".md") }
+
+// copyDir copies the regular files directly in from (not subdirectories)
+// that keep accepts.
+func copyDir(from, to string, keep func(name string) bool) error {
 	ents, err := os.ReadDir(from)
 	if err != nil {
 		return fmt.Errorf("build context: %w", err)
 	}
 	for _, e := range ents {
 		n := e.Name()
-		if !e.Type().IsRegular() || goOnly && filepath.Ext(n) == ".go" && len(n) > 8 && n[len(n)-8:] == "_test.go" {
+		if !e.Type().IsRegular() || !keep(n) {
 			continue
 		}
 		if err := copyFile(filepath.Join(from, n), filepath.Join(to, n)); err != nil {
