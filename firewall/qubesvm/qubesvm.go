@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/control"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
@@ -124,7 +125,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	})
 	if cfg.StatsEvery > 0 {
-		wg.Go(func() { ctl.LogStats(ctx, cfg.StatsEvery, nil) })
+		wg.Go(func() { ctl.LogStats(ctx, cfg.StatsEvery, boot.MemoryStats) })
 	}
 	logf("qubesvm: running (uplink %s, bsd %v)", cfg.Uplink, cfg.BSDIP.IsValid())
 	select {
