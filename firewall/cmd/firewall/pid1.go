@@ -20,6 +20,7 @@ import (
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/afpacket"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/dispatch"
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/link"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/qubesvm"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/vchan"
 	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/xenstore"
@@ -279,7 +280,17 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) err
 	b := linkBudget(total, logf)
 	cfg.Budget = b
 	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4, Reserved: true})
-	cfg.OpenClientLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
+	openClient := qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
+	room := &vifRoom{total: total, now: time.Now, available: func() (int64, error) {
+		m, err := boot.ReadMemory()
+		return m.Available << 10, err
+	}}
+	cfg.OpenClientLink = func(ctx context.Context, name string) (link.Link, error) {
+		if err := room.admit(name); err != nil {
+			return nil, err
+		}
+		return openClient(ctx, name)
+	}
 	return nil
 }
 
