@@ -14,6 +14,10 @@ type Memory struct {
 	HWM       int64 // VmHWM (/proc/self/status): the process's peak resident set
 	RSS       int64 // VmRSS: its resident set now
 	Available int64 // MemAvailable (/proc/meminfo): what the VM can still hand out
+	// Total is MemTotal, the memory the kernel manages. Under Xen it
+	// shrinks when the kernel gives pages back to Xen to map grants into
+	// (netback does for every client vif, without unpopulated-alloc).
+	Total int64
 }
 
 // The files ReadMemory reads.
@@ -73,6 +77,7 @@ func parseMemory(status, meminfo []byte) (Memory, error) {
 		{status, procStatus, "VmHWM", &m.HWM},
 		{status, procStatus, "VmRSS", &m.RSS},
 		{meminfo, procMeminfo, "MemAvailable", &m.Available},
+		{meminfo, procMeminfo, "MemTotal", &m.Total},
 	} {
 		v, err := kBField(f.text, f.key)
 		if err != nil {
@@ -150,14 +155,15 @@ func clipText(b []byte) []byte {
 // String gives the figures in MiB with one decimal, as the stats line
 // shows them.
 func (m Memory) String() string {
-	return fmt.Sprintf("VmHWM %s MiB, VmRSS %s MiB, MemAvailable %s MiB", mib(m.HWM), mib(m.RSS), mib(m.Available))
+	return fmt.Sprintf("VmHWM %s MiB, VmRSS %s MiB, MemAvailable %s MiB, MemTotal %s MiB", mib(m.HWM), mib(m.RSS), mib(m.Available), mib(m.Total))
 }
 
 func mib(kb int64) string { return strconv.FormatFloat(float64(kb)/1024, 'f', 1, 64) }
 
 // MemoryStats is the memory part of the periodic stats line
 // (control.Controller.LogStats's extra): "memory: VmHWM 10.2 MiB, VmRSS
-// 9.8 MiB, MemAvailable 4.1 MiB", or the reason it cannot say.
+// 9.8 MiB, MemAvailable 4.1 MiB, MemTotal 19.5 MiB", or the reason it
+// cannot say.
 func MemoryStats() string {
 	m, err := ReadMemory()
 	if err != nil {

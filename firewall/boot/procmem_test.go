@@ -25,14 +25,14 @@ func TestParseMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m != (Memory{HWM: 11264, RSS: 9830, Available: 4250}) {
+	if m != (Memory{HWM: 11264, RSS: 9830, Available: 4250, Total: 20480}) {
 		t.Errorf("parsed %+v", m)
 	}
-	if got, want := m.String(), "VmHWM 11.0 MiB, VmRSS 9.6 MiB, MemAvailable 4.2 MiB"; got != want {
+	if got, want := m.String(), "VmHWM 11.0 MiB, VmRSS 9.6 MiB, MemAvailable 4.2 MiB, MemTotal 20.0 MiB"; got != want {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
 	// No newline at the end of the last line.
-	if m, err := parseMemory([]byte("VmHWM:\t1 kB\nVmRSS:\t2 kB"), []byte("MemAvailable: 3 kB")); err != nil || m != (Memory{1, 2, 3}) {
+	if m, err := parseMemory([]byte("VmHWM:\t1 kB\nVmRSS:\t2 kB"), []byte("MemTotal: 4 kB\nMemAvailable: 3 kB")); err != nil || m != (Memory{1, 2, 3, 4}) {
 		t.Errorf("without final newlines: %+v, %v", m, err)
 	}
 }
@@ -45,6 +45,7 @@ func TestParseMemoryRefusesMalformed(t *testing.T) {
 	}{
 		{"empty", "", "", "/proc/self/status: no VmHWM line"},
 		{"no meminfo key", sampleStatus, "MemTotal: 20480 kB\n", "/proc/meminfo: no MemAvailable line"},
+		{"no MemTotal", sampleStatus, "MemAvailable: 4250 kB\n", "/proc/meminfo: no MemTotal line"},
 		{"no unit", strings.Replace(sampleStatus, "11264 kB", "11264", 1), sampleMeminfo, `VmHWM: "\t   11264" does not end in " kB"`},
 		{"other unit", strings.Replace(sampleStatus, "9830 kB", "9830 MB", 1), sampleMeminfo, "VmRSS:"},
 		{"negative", strings.Replace(sampleStatus, "11264 kB", "-11264 kB", 1), sampleMeminfo, "not a decimal number"},
@@ -80,7 +81,7 @@ func TestReadMemory(t *testing.T) {
 	}
 	// The kernel reports VmHWM as the maximum of the peak and the
 	// current resident set.
-	if m.RSS <= 0 || m.HWM < m.RSS || m.Available <= 0 {
+	if m.RSS <= 0 || m.HWM < m.RSS || m.Available <= 0 || m.Total < m.Available {
 		t.Errorf("this process: %+v", m)
 	}
 	if s := MemoryStats(); !strings.HasPrefix(s, "memory: VmHWM ") {
@@ -117,7 +118,7 @@ func TestReadMemoryErrors(t *testing.T) {
 // "KEY:<blanks>N kB", the way the kernel writes it.
 func FuzzParseMemory(f *testing.F) {
 	f.Add(sampleStatus, sampleMeminfo)
-	f.Add("VmHWM:\t1 kB\nVmRSS:\t2 kB", "MemAvailable: 3 kB")
+	f.Add("VmHWM:\t1 kB\nVmRSS:\t2 kB", "MemTotal: 4 kB\nMemAvailable: 3 kB")
 	f.Add("VmHWM:\t-1 kB\n", "")
 	f.Add("VmHWM:\t1 kB\nVmHWM:\t1 kB\n", "MemAvailable:")
 	f.Fuzz(func(t *testing.T, status, meminfo string) {
@@ -131,7 +132,7 @@ func FuzzParseMemory(f *testing.F) {
 		for _, v := range []struct {
 			text, key string
 			n         int64
-		}{{status, "VmHWM", m.HWM}, {status, "VmRSS", m.RSS}, {meminfo, "MemAvailable", m.Available}} {
+		}{{status, "VmHWM", m.HWM}, {status, "VmRSS", m.RSS}, {meminfo, "MemAvailable", m.Available}, {meminfo, "MemTotal", m.Total}} {
 			if v.n < 0 || v.n > maxKB {
 				t.Fatalf("%s = %d out of range", v.key, v.n)
 			}
