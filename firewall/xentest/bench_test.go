@@ -39,6 +39,7 @@ var benchMetrics = []benchMetric{
 
 var (
 	sweepRE     = regexp.MustCompile(`^QGFW-XEN sweep (\d+) (yes|no) (yes|no) (.*)$`)
+	clientsRE   = regexp.MustCompile(`^QGFW-XEN clients (\d+) (idle|burst) (yes|no) (\S+) (\S+) (\S+) (\S+) ?(.*)$`)
 	benchRE     = regexp.MustCompile(`^QGFW-XEN bench (\S+) (\S+) (\S+)$`)
 	benchInfoRE = regexp.MustCompile(`^QGFW-XEN benchinfo (\S+) ?(.*)$`)
 	xenVerRE    = regexp.MustCompile(`xen_version : (\S+)`)
@@ -50,14 +51,28 @@ type sweepRow struct {
 	detail         string
 }
 
+// clientsRow is one line of section c: the firewall's memory (MiB, as
+// bench.sh printed it, "-" when unknown) with n clients attached, at rest
+// or after they all pushed traffic through it at once (burst).
+type clientsRow struct {
+	n                      int
+	burst, forward         bool
+	hwm, rss, avail, total string
+	detail                 string
+}
+
 // TestXenBench is `make bench-xen`: in one boot of Xen, the smallest
 // memory the firewall boots and forwards with, then iperf3 and ping through
 // the firewall next to a Linux firewall VM (Debian's kernel, nftables
-// masquerade) in the same topology (scripts/xen/bench.sh). It writes a
-// report to <dist>/bench/xen-<UTC time>.md and asserts nothing about the
-// numbers: it fails only when the bench could not run. QGFW_XEN_BENCH_SIZES
-// (MiB, "-"-separated), QGFW_XEN_BENCH_TIME (iperf3 seconds),
-// QGFW_XEN_BENCH_RUNS and QGFW_XEN_BENCH_UDP (iperf3 -b) shape it.
+// masquerade) in the same topology, then client VMs attached one at a time
+// to a 32 MiB firewall and its memory with them (scripts/xen/bench.sh). It
+// writes a report to <dist>/bench/xen-<UTC time>.md and asserts nothing
+// about the numbers: it fails only when the bench could not run.
+// QGFW_XEN_BENCH_SIZES (MiB, "-"-separated), QGFW_XEN_BENCH_TIME (iperf3
+// seconds), QGFW_XEN_BENCH_RUNS (0 skips the throughput),
+// QGFW_XEN_BENCH_UDP (iperf3 -b) and QGFW_XEN_BENCH_CLIENTS (the client
+// counts at which the memory is read, rising, "-"-separated; the last is
+// how many attach; 0 skips them) shape it.
 func TestXenBench(t *testing.T) {
 	if os.Getenv("QGFW_XEN_BENCH") != "1" {
 		t.Skip("measurements, not a test: run by `make bench-xen` (QGFW_XEN_BENCH=1, QGFW_XEN_DIST)")
@@ -65,16 +80,22 @@ func TestXenBench(t *testing.T) {
 	e := needXen(t)
 	sizes := envOr("QGFW_XEN_BENCH_SIZES", "64-48-40-32-28-24-20")
 	secs := envInt(t, "QGFW_XEN_BENCH_TIME", 5)
-	runs := envInt(t, "QGFW_XEN_BENCH_RUNS", 3)
+	runs := envIntFrom(t, "QGFW_XEN_BENCH_RUNS", 3, 0)
 	udp := envOr("QGFW_XEN_BENCH_UDP", "20M")
 	if !regexp.MustCompile(`^\d+(-\d+)*$`).MatchString(sizes) || !regexp.MustCompile(`^\d+[KMG]?$`).MatchString(udp) {
 		t.Fatalf("QGFW_XEN_BENCH_SIZES=%q, QGFW_XEN_BENCH_UDP=%q: want e.g. 64-32-16 and 20M", sizes, udp)
 	}
+	clientsSpec := envOr("QGFW_XEN_BENCH_CLIENTS", "4-10")
+	counts, err := parseClientCounts(clientsSpec)
+	if err != nil {
+		t.Fatalf("QGFW_XEN_BENCH_CLIENTS=%q: %v", clientsSpec, err)
+	}
 	nsizes := strings.Count(sizes, "-") + 1
 	// Only a guard against a hung run: a size takes about a minute under
 	// TCG, one that fails at most the retries of its boot; a round of
-	// measurements about three minutes.
-	e.guard = time.Duration(10+4*nsizes+runs*(2+secs/2)) * time.Minute
+	// measurements about three minutes; a client about half a minute to
+	// attach, a count's burst, checks and stats line at most three.
+	e.guard = time.Duration(10+4*nsizes+runs*(2+secs/2)+clientsMinutes(counts)) * time.Minute
 
 	began := time.Now()
 	script, err := filepath.Abs("../../scripts/xen/bench.sh")
@@ -84,7 +105,7 @@ func TestXenBench(t *testing.T) {
 	run := prepareRun(t, e, "bench-"+began.UTC().Format("20060102-150405"), "QGFW_XEN_BENCH=1", "QGFW_XEN_SCENARIOS="+script)
 	load := loadavg()
 	serial := filepath.Join(run, "serial.log")
-	spec := fmt.Sprintf("%s:%d:%d:%s", sizes, secs, runs, udp)
+	spec := fmt.Sprintf("%s:%d:%d:%s:%s", sizes, secs, runs, udp, clientsSpec)
 	res, err := bootRetrying(t, e, filepath.Join(run, "dom0.cpio"), spec, serial, run)
 	os.Remove(filepath.Join(run, "dom0.cpio"))
 	took := time.Since(began)
@@ -96,6 +117,7 @@ func TestXenBench(t *testing.T) {
 	}
 
 	var sweep []sweepRow
+	var crows []clientsRow
 	vals := map[string][2][]float64{} // metric -> Go's and Linux's values
 	var order []string                // metrics in the order bench.sh printed them
 	info := map[string][]string{}
@@ -105,6 +127,8 @@ func TestXenBench(t *testing.T) {
 		if m := sweepRE.FindStringSubmatch(l); m != nil {
 			mem, _ := strconv.Atoi(m[1])
 			sweep = append(sweep, sweepRow{mem, m[2] == "yes", m[3] == "yes", m[4]})
+		} else if r, ok := parseClientsLine(l); ok {
+			crows = append(crows, r)
 		} else if m := benchRE.FindStringSubmatch(l); m != nil {
 			if _, seen := vals[m[1]]; !seen {
 				order = append(order, m[1])
@@ -124,7 +148,7 @@ func TestXenBench(t *testing.T) {
 			flakes++
 		}
 	}
-	if len(sweep) == 0 && len(vals) == 0 {
+	if len(sweep) == 0 && len(vals) == 0 && len(crows) == 0 {
 		t.Fatalf("no results at all (serial log %s)", serial)
 	}
 	if !res.done {
@@ -132,7 +156,7 @@ func TestXenBench(t *testing.T) {
 	}
 
 	var rep strings.Builder
-	fmt.Fprintf(&rep, "## qubes-go-firewall under Xen: memory and throughput (`make bench-xen`)\n\n")
+	fmt.Fprintf(&rep, "## qubes-go-firewall under Xen: memory, throughput, clients (`make bench-xen`)\n\n")
 	fmt.Fprintf(&rep, "%s UTC; the run took %.0f min; host load %s at the start, %s at the end.\n\n", began.UTC().Format("2006-01-02 15:04"), took.Minutes(), load, loadavg())
 	fmt.Fprintf(&rep, "Platform: %s, TCG (`-accel tcg,thread=multi -cpu %s -smp 2 -m 2048`) on a host with %d cores; Xen %s; "+
 		"dom0 and the Linux firewall VM run Debian's kernel %s; the firewall image is `%s` (%s).\n\n",
@@ -163,45 +187,14 @@ func TestXenBench(t *testing.T) {
 		fmt.Fprintf(&rep, "\n%d of %d sizes have no result (the run stopped early).\n", n, nsizes)
 	}
 
-	fmt.Fprintf(&rep, "\n### Throughput and latency\n\n")
-	fmt.Fprintf(&rep, "Side by side on dom0's bridge xenbr0: the Go firewall (64 MiB) and a Linux firewall VM (Debian's kernel as a PVH guest, 256 MiB; "+
-		"`ip_forward=1`, nftables `table ip qubes` with masquerade on the uplink, a stateful forward chain, per-client anti-spoofing, "+
-		"each client vif configured as Qubes' vif-route-qubes does: proxy ARP and a /32 route; `scripts/xen/lfw-init.sh`). "+
-		"Behind each the same client VM (the image's kernel, busybox, iperf3; 96 MiB, through netback in the firewall VM). "+
-		"dom0 runs the iperf3 server. `iperf3 -t %d -O 1 -f m`, receiver's rate; %d rounds, the two firewalls measured back to back for each row, "+
-		"the order swapped every round; median shown. Ratio = Go / Linux: above 1 the Go firewall is faster for rates, below 1 it is quicker or cheaper for times.\n\n", secs, runs)
-	fmt.Fprintf(&rep, "| metric | Go firewall | Linux (nftables) | ratio |\n|---|---:|---:|---:|\n")
-	var every strings.Builder
-	known := map[string]bool{}
-	rows := slices.Clone(benchMetrics)
-	for _, m := range benchMetrics {
-		known[m.key] = true
+	if runs > 0 {
+		throughputReport(&rep, vals, order, secs, runs, udp)
+	} else {
+		fmt.Fprintf(&rep, "\n### Throughput and latency\n\nNot measured (QGFW_XEN_BENCH_RUNS=0).\n")
 	}
-	for _, k := range order {
-		if !known[k] {
-			rows = append(rows, benchMetric{k, k, true})
-		}
-	}
-	for _, m := range rows {
-		v, ok := vals[m.key]
-		if !ok {
-			continue
-		}
-		label := strings.ReplaceAll(m.label, "RATE", udp)
-		g, l := median(v[0]), median(v[1])
-		ratio := "–"
-		if m.ratio && len(v[0]) > 0 && len(v[1]) > 0 && l != 0 {
-			ratio = fmt.Sprintf("**%.2f**", g/l)
-		}
-		fmt.Fprintf(&rep, "| %s | %s | %s | %s |\n", label, fmtMedian(v[0]), fmtMedian(v[1]), ratio)
-		fmt.Fprintf(&every, "- %s: Go %s; Linux %s\n", m.key, fmtValues(v[0]), fmtValues(v[1]))
-	}
-	if len(vals) == 0 {
-		fmt.Fprintf(&rep, "| (no measurements) | | | |\n")
-	}
-	fmt.Fprintf(&rep, "\nEvery run:\n\n%s", every.String())
+	clientsReport(&rep, crows, counts, info, secs)
 	var notes []string
-	for _, k := range []string{"memory", "lfw", "client", "fwstats", "failed", "error"} {
+	for _, k := range []string{"memory", "lfw", "client", "fwstats", "clients-fwstats", "failed", "error"} {
 		for _, s := range info[k] {
 			notes = append(notes, fmt.Sprintf("- %s: %s", k, s))
 		}
@@ -228,6 +221,48 @@ func TestXenBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("report written to %s", file)
+}
+
+// throughputReport writes section b's table: each metric's median for
+// both firewalls and their ratio, then every run's values.
+func throughputReport(rep *strings.Builder, vals map[string][2][]float64, order []string, secs, runs int, udp string) {
+	fmt.Fprintf(rep, "\n### Throughput and latency\n\n")
+	fmt.Fprintf(rep, "Side by side on dom0's bridge xenbr0: the Go firewall (64 MiB) and a Linux firewall VM (Debian's kernel as a PVH guest, 256 MiB; "+
+		"`ip_forward=1`, nftables `table ip qubes` with masquerade on the uplink, a stateful forward chain, per-client anti-spoofing, "+
+		"each client vif configured as Qubes' vif-route-qubes does: proxy ARP and a /32 route; `scripts/xen/lfw-init.sh`). "+
+		"Behind each the same client VM (the image's kernel, busybox, iperf3; 96 MiB, through netback in the firewall VM). "+
+		"dom0 runs the iperf3 server. `iperf3 -t %d -O 1 -f m`, receiver's rate; %d rounds, the two firewalls measured back to back for each row, "+
+		"the order swapped every round; median shown. Ratio = Go / Linux: above 1 the Go firewall is faster for rates, below 1 it is quicker or cheaper for times.\n\n", secs, runs)
+	fmt.Fprintf(rep, "| metric | Go firewall | Linux (nftables) | ratio |\n|---|---:|---:|---:|\n")
+	var every strings.Builder
+	known := map[string]bool{}
+	rows := slices.Clone(benchMetrics)
+	for _, m := range benchMetrics {
+		known[m.key] = true
+	}
+	for _, k := range order {
+		if !known[k] {
+			rows = append(rows, benchMetric{k, k, true})
+		}
+	}
+	for _, m := range rows {
+		v, ok := vals[m.key]
+		if !ok {
+			continue
+		}
+		label := strings.ReplaceAll(m.label, "RATE", udp)
+		g, l := median(v[0]), median(v[1])
+		ratio := "–"
+		if m.ratio && len(v[0]) > 0 && len(v[1]) > 0 && l != 0 {
+			ratio = fmt.Sprintf("**%.2f**", g/l)
+		}
+		fmt.Fprintf(rep, "| %s | %s | %s | %s |\n", label, fmtMedian(v[0]), fmtMedian(v[1]), ratio)
+		fmt.Fprintf(&every, "- %s: Go %s; Linux %s\n", m.key, fmtValues(v[0]), fmtValues(v[1]))
+	}
+	if len(vals) == 0 {
+		fmt.Fprintf(rep, "| (no measurements) | | | |\n")
+	}
+	fmt.Fprintf(rep, "\nEvery run:\n\n%s", every.String())
 }
 
 func median(v []float64) float64 {

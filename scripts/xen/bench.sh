@@ -3,7 +3,8 @@
 # of scenarios.sh (pack.sh with QGFW_XEN_SCENARIOS=bench.sh and
 # QGFW_XEN_BENCH=1, which also packs the Linux firewall VM and iperf3).
 #
-# Usage: bench.sh SIZES:SECONDS:RUNS:UDPRATE   e.g. "64-48-32-24:5:3:20M"
+# Usage: bench.sh SIZES:SECONDS:RUNS:UDPRATE[:CLIENTS]
+#        e.g. "64-48-32-24:5:3:20M:4-10"
 #
 #   a  memory sweep: the firewall image started as qubesd starts it at each
 #      size of SIZES (MiB), one client that must reach dom0's TCP echo
@@ -17,7 +18,19 @@
 #      UDP at UDPRATE), ping. RUNS rounds, the order of the two swapped
 #      every round, both measured back to back for every metric:
 #        QGFW-XEN bench <metric> <go value> <linux value>
-#      ("-" when a measurement failed).
+#      ("-" when a measurement failed). RUNS 0 skips it.
+#   c  clients: the firewall at 32 MiB as qubesd starts it, client VMs
+#      attached one at a time (each must reach dom0's TCP echo when it
+#      attaches) up to the last count of CLIENTS ("-"-separated, rising;
+#      default 4-10; 0 skips it). Alone first, then at each count: the
+#      firewall's memory at rest ("idle"); then every attached client
+#      pushes TCP both ways through it at once (iperf3 --bidir for
+#      2 x SECONDS, one dom0 server each), each must still reach the
+#      echo, the firewall must still run with no crash or OOM on its
+#      console, and its memory after that ("burst"). The memory is from
+#      the firewall's next stats line (once a minute):
+#        QGFW-XEN clients <n> idle|burst <forwards yes|no> <VmHWM> <VmRSS> <MemAvailable> <MemTotal> <detail>
+#      (MiB; "-" without a stats line). A failure is a data point.
 #   QGFW-XEN benchinfo <key> <text> lines say what ran.
 # Guest consoles are copied to ours as in scenarios.sh, whose helpers this
 # script uses (pack.sh puts it in /qgfw/lib). Timeouts only guard against
@@ -36,6 +49,7 @@ SIZES=$(echo "$SPEC" | cut -d: -f1 | tr '-' ' ')
 SECS=$(echo "$SPEC" | cut -d: -f2); SECS=${SECS:-5}
 RUNS=$(echo "$SPEC" | cut -d: -f3); RUNS=${RUNS:-3}
 UDPRATE=$(echo "$SPEC" | cut -d: -f4); UDPRATE=${UDPRATE:-20M}
+CLIENTS=$(echo "$SPEC" | cut -d: -f5 | tr '-' ' '); CLIENTS=${CLIENTS:-4 10}
 FWMEM=64 LFWMEM=256 CLMEM=96
 R=0
 info() { echo "QGFW-XEN benchinfo $*"; }
@@ -164,13 +178,17 @@ measure() {
 	esac
 }
 
+# benchinitramfs: the bench clients' initramfs, the test VMs' with iperf3
+# added.
+benchinitramfs() {
+	[ -s /tmp/bench-guest-initramfs ] || { zcat $G/guest-initramfs; zcat $G/iperf3.cpio.gz; } | gzip -1 > /tmp/bench-guest-initramfs
+}
 throughput() {
 	FLAKE_TRIES=3
 	cleanup
 	rm -f $CON/guest-*.log /tmp/agent-*.n
 	for g in fw lfw cfw clfw; do follow $g; done
-	# The bench clients: the test VMs' initramfs with iperf3 added.
-	{ zcat $G/guest-initramfs; zcat $G/iperf3.cpio.gz; } | gzip -1 > /tmp/bench-guest-initramfs
+	benchinitramfs
 
 	t0=$(up)
 	if ! startfw tp fw $FWMEM "$FWEXTRA" "$FWUP" fwkeys >/tmp/fw.start 2>&1 ||
@@ -215,14 +233,184 @@ throughput() {
 	echo "QGFW-XEN bench cpu_s $(cpusince fw "$c0fw") $(cpusince lfw "$c0lfw")"
 }
 
+# ---- c: clients behind a 32 MiB firewall
+
+CFWMEM=32 CCLMEM=64
+# clientkeys NAME: fwkeys, and an accept-all ruleset for each of
+# section c's clients, 10.137.0.21 and up (cN is 10.137.0.(20+N)).
+clientkeys() {
+	fwkeys "$1"
+	ck_n=1
+	while [ $ck_n -le "$NCL" ]; do
+		rules "$1" "10.137.0.$((20 + ck_n))" "action=accept"
+		ck_n=$((ck_n + 1))
+	done
+}
+# attach N: client cN behind fwc, the bench clients' initramfs (iperf3);
+# 0 once it has reached dom0's TCP echo. Every client has Qubes' default
+# MAC, as in Qubes: the firewall tells them apart by their vif.
+attach() {
+	at_c=c$1 at_ip=10.137.0.$((20 + $1))
+	follow $at_c
+	guestcfg $at_c "qgfw.ip=$at_ip qgfw.gw=10.138.0.5" "\"backend=fwc,mac=00:16:3e:5e:6c:00,ip=$at_ip\""
+	setcfg $at_c ramdisk '"/tmp/bench-guest-initramfs"'
+	setcfg $at_c memory "$CCLMEM"
+	at_t0=$(up)
+	if ! launch clients $at_c >/dev/null 2>&1; then
+		info failed "client $at_c did not boot: $(grep -Eh -m1 'rror|too large' /tmp/$at_c.create 2>/dev/null | cut -c1-160)"; return 1
+	fi
+	if ! waitfor 120 agentready $at_c; then info failed "client $at_c: no agent"; return 1; fi
+	if ! waitfor 30 expect ok $at_c tcp 10.138.0.1:7; then
+		info failed "client $at_c ($at_ip) cannot reach dom0's TCP echo: $(agent $at_c tcp 10.138.0.1:7)"; return 1
+	fi
+	info attach "$at_c $at_ip forwards $(awk "BEGIN { print $(up) - $at_t0 }") s after its start"
+}
+# BURST_AWK reads iperf3 --bidir -f m: both directions' received rates
+# summed, or iperf3's error. No single quotes (it travels inside one) and
+# no backslashes (xenstore-write turns them into control characters).
+BURST_AWK='
+/receiver$/ { for (i = 2; i < NF; i++) if ($i == "Mbits/sec") s += $(i - 1) }
+/^iperf3: / { e = $0; gsub(/[ =]/, "_", e) }
+END { if (e != "") print "err=" e; else print "rx=" s + 0 }'
+# burst VM...: the VMs push TCP both ways to dom0 at once, each to its own
+# iperf3 server; prints "K/N ok, M Mbit/s in all" (and the failures).
+# Bounded whatever the agents do: once the firewall has died, dom0's
+# xenstored was seen to stall.
+burst() {
+	bu_t=$((SECS * 2)) bu_p=5300 bu_srv= bu_ag=
+	for bu_c in "$@"; do
+		bu_p=$((bu_p + 1))
+		timeout $((bu_t + 240)) iperf3 -s -1 -B 10.138.0.1 -p $bu_p >/tmp/iperf3-s-$bu_c.log 2>&1 &
+		bu_srv="$bu_srv $!"
+	done
+	waitfor 20 sh -c "[ \$(ss -ltn | grep -c '10\.138\.0\.1:53[0-9][0-9] ') -ge $# ]"
+	bu_p=5300
+	for bu_c in "$@"; do
+		bu_p=$((bu_p + 1))
+		rm -f /tmp/burst-$bu_c.res /tmp/burst-$bu_c.done
+		(
+			AG_TRIES=$((2 * (bu_t + 200))) agent $bu_c sh timeout=$((bu_t + 180))s \
+				"iperf3 -c 10.138.0.1 -p $bu_p -f m -t $bu_t --bidir > /tmp/burst.out 2>&1; st=\$?; awk '$BURST_AWK' /tmp/burst.out; exit \$st" >/tmp/burst-$bu_c.res 2>&1
+			: > /tmp/burst-$bu_c.done
+		) &
+		bu_ag="$bu_ag $!"
+	done
+	waitfor $((bu_t + 240)) sh -c "for c in $*; do [ -e /tmp/burst-\$c.done ] || exit 1; done"
+	# shellcheck disable=SC2086
+	kill $bu_ag $bu_srv 2>/dev/null; wait $bu_ag $bu_srv 2>/dev/null
+	bu_ok=0 bu_sum=0 bu_bad=
+	for bu_c in "$@"; do
+		bu_r=$(cat /tmp/burst-$bu_c.res 2>/dev/null)
+		[ -e /tmp/burst-$bu_c.done ] || bu_r="no answer within $((bu_t + 240)) s"
+		bu_rx=$(val rx "$bu_r")
+		case $bu_r in
+		ok*rx=*) bu_ok=$((bu_ok + 1)) bu_sum=$(awk "BEGIN { print $bu_sum + $bu_rx }") ;;
+		*) bu_bad="$bu_bad $bu_c: $(echo "$bu_r" | cut -c1-80);" ;;
+		esac
+	done
+	echo "iperf3 --bidir -t $bu_t: $bu_ok/$# ok, $bu_sum Mbit/s in all${bu_bad:+;$bu_bad}"
+}
+# The memory part of the firewall's stats line (boot.MemoryStats).
+STATS_RE='memory: VmHWM [0-9.]* MiB, VmRSS [0-9.]* MiB, MemAvailable [0-9.]* MiB, MemTotal [0-9.]* MiB'
+nstats() { grep -c "$STATS_RE" $CON/guest-fwc.log 2>/dev/null; }
+# fwok: fwc still runs, and its console shows no crash and no OOM.
+fwok() {
+	xl domid fwc >/dev/null 2>&1 && ! grep -Eq "$CRASH|Kernel panic|Out of memory|oom-kill|invoked oom" $CON/guest-fwc.log
+}
+# newstats SEEN: fwc has logged more than SEEN stats lines, or died.
+newstats() { [ "$(nstats)" -gt "$1" ] || ! fwok; }
+# memline N PHASE FORWARDS SEEN DETAIL: wait (75 s at most: PID 1 logs
+# stats once a minute) for a stats line newer than the SEEN first ones and
+# print the result line with its VmHWM, VmRSS, MemAvailable and MemTotal
+# (MiB; "-" without one).
+memline() {
+	ml_mem="- - - -" ml_detail=$5 ml_fwd=$3
+	waitfor 75 newstats "$4"
+	if ! fwok; then
+		ml_fwd=no ml_detail="$ml_detail; the firewall died: $(why fwc)"
+	elif [ "$(nstats)" -gt "$4" ]; then
+		ml_mem=$(grep -o "$STATS_RE" $CON/guest-fwc.log | tail -1 |
+			sed 's/memory: VmHWM \([0-9.]*\) MiB, VmRSS \([0-9.]*\) MiB, MemAvailable \([0-9.]*\) MiB, MemTotal \([0-9.]*\) MiB/\1 \2 \3 \4/')
+	else
+		ml_detail="$ml_detail; no stats line within 75 s"
+	fi
+	grep -q "memory budget exhausted" $CON/guest-fwc.log &&
+		ml_detail="$ml_detail; the firewall refused a vif: $(grep -o -m1 'memory budget exhausted.*' $CON/guest-fwc.log | cut -c1-120)"
+	echo "QGFW-XEN clients $1 $2 $ml_fwd $ml_mem $ml_detail"
+}
+# checkpoint N: the firewall's memory with the clients attached so far
+# (ATT; N meant) at rest, then after they all pushed traffic at once, and
+# whether each still reaches the echo.
+checkpoint() {
+	cp_n=$1 cp_att=$(echo $ATT | wc -w)
+	cp_fwd=no; [ "$cp_att" = "$cp_n" ] && cp_fwd=yes
+	fwok || cp_fwd=no
+	memline "$cp_n" idle $cp_fwd "$(nstats)" "$cp_att/$cp_n attached"
+	if ! fwok; then
+		echo "QGFW-XEN clients $cp_n burst no - - - - not run: the firewall died: $(why fwc)"
+		return
+	fi
+	# shellcheck disable=SC2086
+	cp_detail="$(burst $ATT)"
+	cp_seen=$(nstats) cp_echo=0 cp_no=
+	for cp_c in $ATT; do
+		fwok || break
+		# (AG_TRIES: an agent that stopped answering costs 10 s a try.)
+		if AG_TRIES=20 waitfor 6 expect ok $cp_c tcp 10.138.0.1:7; then cp_echo=$((cp_echo + 1)); else cp_no="$cp_no $cp_c"; fi
+	done
+	[ "$cp_echo" = "$cp_n" ] || cp_fwd=no
+	memline "$cp_n" burst $cp_fwd "$cp_seen" "$cp_detail; echo afterwards $cp_echo/$cp_att${cp_no:+ (not:$cp_no)}"
+}
+clients() {
+	c_t0=$(up)
+	FLAKE_TRIES=3
+	cleanup
+	rm -f $CON/guest-*.log /tmp/agent-*.n /tmp/burst-*
+	benchinitramfs
+	NCL=$(echo "$CLIENTS" | tr ' ' '\n' | tail -1)
+	follow fwc
+	if ! startfw clients fwc $CFWMEM "$FWEXTRA" "$FWUP" clientkeys >/tmp/fwc.start 2>&1 ||
+		! waitfor 90 grepq $CON/guest-fwc.log "qubesvm: running"; then
+		info failed "the 32 MiB firewall did not start: $(why fwc)"
+		for n in $CLIENTS; do echo "QGFW-XEN clients $n idle no - - - - the firewall did not start"; done
+		return 1
+	fi
+	# Room for the clients: lower their memory (not below 48 MiB, what
+	# the test VMs run with) if Xen has too little left.
+	free=$(xl info | awk '$1 == "free_memory" { print $3 }')
+	if [ -n "$free" ] && [ $((NCL * CCLMEM + 16)) -gt "$free" ]; then
+		CCLMEM=$(((free - 16) / NCL)); [ "$CCLMEM" -lt 48 ] && CCLMEM=48
+	fi
+	info clients-vm "$CCLMEM MiB"
+	info clients "firewall $CFWMEM MiB, $NCL clients of $CCLMEM MiB, Xen's free memory $free MiB; $(grep -o -m1 'link budget: .*' $CON/guest-fwc.log)"
+	# The firewall alone first.
+	memline 0 idle yes 0 "no client"
+	ATT= cn=1
+	for n in $CLIENTS; do
+		while [ $cn -le "$n" ]; do
+			if fwok && attach $cn; then ATT="$ATT c$cn"; fi
+			cn=$((cn + 1))
+		done
+		checkpoint "$n"
+	done
+	info clients-time "$(awk "BEGIN { print $(up) - $c_t0 }")"
+	info clients-fwstats "$(grep "$STATS_RE" $CON/guest-fwc.log | tail -1 | sed 's/^\[[^]]*\] //' | cut -c1-400)"
+}
+
 exec 3>&1
 (while sleep 15; do echo "QGFW-XEN heartbeat $(up)"; done) &
 say "xl info: $(xl info | grep -E 'xen_version|virt_caps' | tr -s ' ' | tr '\n' ' ')"
-info spec "sizes $SIZES; iperf3 -t $SECS, $RUNS rounds, UDP at $UDPRATE"
+info spec "sizes $SIZES; iperf3 -t $SECS, $RUNS rounds, UDP at $UDPRATE; clients $CLIENTS"
 info started "$(up)"
 for m in $SIZES; do sweep "$m"; done
 info sweep-done "$(up)"
-throughput
-info throughput-done "$(up)"
+if [ "$RUNS" -gt 0 ]; then
+	throughput
+	info throughput-done "$(up)"
+fi
+if [ "$CLIENTS" != 0 ]; then
+	clients
+	info clients-done "$(up)"
+fi
 cleanup
 say "finished"
