@@ -31,8 +31,8 @@ import (
 // at about ten clients, as the VM was.
 //
 // It models the firewall's own memory only: under Xen the kernel's netback
-// takes about 1.75 MiB more per client, so a real 32 MB VM carries three
-// clients (vifRoom admits no more; make bench-xen measures it).
+// takes about 1.75 MiB more per client, so a real 32 MB VM takes three
+// clients at most (vifRoom admits no more; make bench-xen measures it).
 func TestClientsPerVMSize(t *testing.T) {
 	netnstest.NeedRoot(t)
 	dir := t.TempDir()
