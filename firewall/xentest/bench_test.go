@@ -39,7 +39,7 @@ var benchMetrics = []benchMetric{
 
 var (
 	sweepRE     = regexp.MustCompile(`^QGFW-XEN sweep (\d+) (yes|no) (yes|no) (.*)$`)
-	clientsRE   = regexp.MustCompile(`^QGFW-XEN clients (\d+) (idle|burst) (yes|no) (\S+) (\S+) (\S+) (\S+) ?(.*)$`)
+	clientsRE   = regexp.MustCompile(`^QGFW-XEN clients (\d+) (idle|burst) (\d+) (yes|no) (\S+) (\S+) (\S+) (\S+) ?(.*)$`)
 	benchRE     = regexp.MustCompile(`^QGFW-XEN bench (\S+) (\S+) (\S+)$`)
 	benchInfoRE = regexp.MustCompile(`^QGFW-XEN benchinfo (\S+) ?(.*)$`)
 	xenVerRE    = regexp.MustCompile(`xen_version : (\S+)`)
@@ -52,10 +52,11 @@ type sweepRow struct {
 }
 
 // clientsRow is one line of section c: the firewall's memory (MiB, as
-// bench.sh printed it, "-" when unknown) with n clients attached, at rest
-// or after they all pushed traffic through it at once (burst).
+// bench.sh printed it, "-" when unknown) once n clients were started, of
+// which attached reached dom0 through it, at rest or after they all
+// pushed traffic through it at once (burst).
 type clientsRow struct {
-	n                      int
+	n, attached            int
 	burst, forward         bool
 	hwm, rss, avail, total string
 	detail                 string

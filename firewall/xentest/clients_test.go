@@ -45,7 +45,8 @@ func parseClientsLine(l string) (clientsRow, bool) {
 		return clientsRow{}, false
 	}
 	n, _ := strconv.Atoi(m[1])
-	return clientsRow{n, m[2] == "burst", m[3] == "yes", m[4], m[5], m[6], m[7], m[8]}, true
+	att, _ := strconv.Atoi(m[3])
+	return clientsRow{n, att, m[2] == "burst", m[4] == "yes", m[5], m[6], m[7], m[8], m[9]}, true
 }
 
 // clientsMinutes is what the guard allows section c: the firewall's
@@ -72,29 +73,37 @@ func clientsReport(rep *strings.Builder, rows []clientsRow, counts []int, info m
 		"The firewall alone first; then at each count its memory at rest (\"idle\"), and after every attached client ran `iperf3 --bidir -t %d` "+
 		"to its own iperf3 server in dom0, all at once (\"burst\"): every client must then still reach the echo, and the firewall must still run "+
 		"with no crash or OOM on its console (\"all forward\"). "+
+		"A client the firewall refuses (no memory for it) is destroyed and counts as started, not attached. "+
 		"The figures are from the firewall's next stats line (once a minute): VmHWM, the process's peak resident set since boot; VmRSS, now; "+
 		"MemAvailable and MemTotal, the VM's (MemTotal shrinks when the kernel hands pages to Xen to map grants into). "+
 		"Goal (issue 14): VmHWM ≤ 16 MiB at 4 clients, and forwarding with 10.\n\n",
 		orDash(strings.Join(info["clients-vm"], ", ")), 2*secs)
-	fmt.Fprintf(rep, "| clients | traffic | all forward | VmHWM (MiB) | VmRSS (MiB) | MemAvailable (MiB) | MemTotal (MiB) | what happened |\n|---:|---|---|---:|---:|---:|---:|---|\n")
+	fmt.Fprintf(rep, "| clients started | attached | traffic | all forward | VmHWM (MiB) | VmRSS (MiB) | MemAvailable (MiB) | MemTotal (MiB) | what happened |\n|---:|---:|---|---|---:|---:|---:|---:|---|\n")
 	for _, r := range rows {
 		phase := "idle"
 		if r.burst {
 			phase = "burst"
 		}
-		fmt.Fprintf(rep, "| %d | %s | %s | %s | %s | %s | %s | %s |\n", r.n, phase, yesNo(r.forward), r.hwm, r.rss, r.avail, r.total, mdCell(r.detail))
+		fmt.Fprintf(rep, "| %d | %d | %s | %s | %s | %s | %s | %s | %s |\n", r.n, r.attached, phase, yesNo(r.forward), r.hwm, r.rss, r.avail, r.total, mdCell(r.detail))
 	}
 	if n := 1 + 2*len(counts) - len(rows); n > 0 {
 		fmt.Fprintf(rep, "\n%d of %d lines have no result (the run stopped early).\n", n, 1+2*len(counts))
 	}
+	// The firewall's own memory grows with the clients it serves; the
+	// kernel's netback takes its pages for every client started, admitted
+	// or not.
+	hwm := func(r clientsRow) string { return r.hwm }
+	total := func(r clientsRow) string { return r.total }
+	attached := func(r clientsRow) int { return r.attached }
+	started := func(r clientsRow) int { return r.n }
 	var costs []string
-	if c, ok := perClient(rows, true, func(r clientsRow) string { return r.hwm }); ok {
-		costs = append(costs, fmt.Sprintf("- the firewall's VmHWM after the bursts: %s", c))
-	} else if c, ok := perClient(rows, false, func(r clientsRow) string { return r.hwm }); ok {
-		costs = append(costs, fmt.Sprintf("- the firewall's VmHWM at rest (no burst has two figures): %s", c))
+	if c, ok := perClient(rows, true, hwm, attached); ok {
+		costs = append(costs, fmt.Sprintf("- the firewall's VmHWM after the bursts, per attached client: %s", c))
+	} else if c, ok := perClient(rows, false, hwm, attached); ok {
+		costs = append(costs, fmt.Sprintf("- the firewall's VmHWM at rest, per attached client (no two bursts have figures): %s", c))
 	}
-	if c, ok := perClient(rows, false, func(r clientsRow) string { return r.total }); ok {
-		costs = append(costs, fmt.Sprintf("- the VM's MemTotal at rest: %s", c))
+	if c, ok := perClient(rows, false, total, started); ok {
+		costs = append(costs, fmt.Sprintf("- the VM's MemTotal at rest, per client started: %s", c))
 	}
 	if len(costs) > 0 {
 		fmt.Fprintf(rep, "\nPer-client cost:\n\n%s\n", strings.Join(costs, "\n"))
@@ -109,10 +118,11 @@ func clientsReport(rep *strings.Builder, rows []clientsRow, counts []int, info m
 	}
 }
 
-// perClient is how much the figure field grows per client between the
-// first and the last line (of bursts or at rest) where it is known:
-// (VmHWM@10 − VmHWM@4) / 6 for 4-10.
-func perClient(rows []clientsRow, burst bool, field func(clientsRow) string) (string, bool) {
+// perClient is how much the figure field grows per client (counted by
+// clients) between the first and the last line (of bursts or at rest)
+// where it is known and the count differs: (VmHWM@10 − VmHWM@4) / 6 for
+// 4-10 with every client attached.
+func perClient(rows []clientsRow, burst bool, field func(clientsRow) string, clients func(clientsRow) int) (string, bool) {
 	type point struct {
 		n int
 		v float64
@@ -123,10 +133,10 @@ func perClient(rows []clientsRow, burst bool, field func(clientsRow) string) (st
 			continue
 		}
 		if v, err := strconv.ParseFloat(field(r), 64); err == nil {
-			known = append(known, point{r.n, v})
+			known = append(known, point{clients(r), v})
 		}
 	}
-	if len(known) < 2 {
+	if len(known) < 2 || known[0].n == known[len(known)-1].n {
 		return "", false
 	}
 	a, b := known[0], known[len(known)-1]
@@ -155,11 +165,11 @@ func TestParseClientCounts(t *testing.T) {
 func TestClientsReport(t *testing.T) {
 	var rows []clientsRow
 	for _, l := range []string{
-		"QGFW-XEN clients 0 idle yes 4.0 4.0 8.0 20.0 no client",
-		"QGFW-XEN clients 4 idle yes 5.5 5.0 3.0 16.0 4/4 attached",
-		"QGFW-XEN clients 4 burst yes 11.5 10.2 3.1 16.0 iperf3 --bidir -t 10: 4/4 ok, 3.2 Mbit/s in all; echo afterwards 4/4",
-		"QGFW-XEN clients 10 idle no - - - - 9/10 attached; the firewall died: Out of memory",
-		"QGFW-XEN clients 10 burst yes 14.5 12.0 1.9 10.0 10/10 attached | x",
+		"QGFW-XEN clients 0 idle 0 yes 4.0 4.0 8.0 20.0 no client",
+		"QGFW-XEN clients 4 idle 4 yes 5.5 5.0 3.0 16.0 4/4 attached",
+		"QGFW-XEN clients 4 burst 4 yes 11.5 10.2 3.1 16.0 iperf3 --bidir -t 10: 4/4 ok, 3.2 Mbit/s in all; echo afterwards 4/4",
+		"QGFW-XEN clients 10 idle 9 no - - - - 9/10 attached; the firewall died: Out of memory",
+		"QGFW-XEN clients 10 burst 10 yes 14.5 12.0 1.9 10.0 10/10 attached | x",
 	} {
 		r, ok := parseClientsLine(l)
 		if !ok {
@@ -170,11 +180,11 @@ func TestClientsReport(t *testing.T) {
 	var rep strings.Builder
 	clientsReport(&rep, rows, []int{4, 10}, map[string][]string{"clients-time": {"600.5"}, "clients-vm": {"64 MiB"}}, 5)
 	for _, want := range []string{
-		"| 4 | burst | yes | 11.5 | 10.2 | 3.1 | 16.0 | iperf3 --bidir",
-		"| 10 | idle | no | - | - | - | - | 9/10 attached; the firewall died: Out of memory |",
+		"| 4 | 4 | burst | yes | 11.5 | 10.2 | 3.1 | 16.0 | iperf3 --bidir",
+		"| 10 | 9 | idle | no | - | - | - | - | 9/10 attached; the firewall died: Out of memory |",
 		`10/10 attached \| x |`,
-		"VmHWM after the bursts: (14.5@10 − 11.5@4) / 6 = **+0.50 MiB** per client (+512 KiB)",
-		"MemTotal at rest: (16.0@4 − 20.0@0) / 4 = **-1.00 MiB** per client (-1024 KiB)",
+		"VmHWM after the bursts, per attached client: (14.5@10 − 11.5@4) / 6 = **+0.50 MiB** per client (+512 KiB)",
+		"MemTotal at rest, per client started: (16.0@4 − 20.0@0) / 4 = **-1.00 MiB** per client (-1024 KiB)",
 		"took 600 s",
 		"`iperf3 --bidir -t 10`",
 		"iperf3; 64 MiB each",
@@ -186,7 +196,20 @@ func TestClientsReport(t *testing.T) {
 	if strings.Contains(rep.String(), "have no result") {
 		t.Errorf("all five lines are there:\n%s", rep.String())
 	}
-	if _, ok := perClient(rows[3:4], false, func(r clientsRow) string { return r.hwm }); ok {
+	if _, ok := perClient(rows[3:4], false, func(r clientsRow) string { return r.hwm }, func(r clientsRow) int { return r.n }); ok {
 		t.Error("a cost from one unknown line")
+	}
+	// Three attached at "4" and "10" (the rest refused): the firewall's
+	// cost is per attached client, MemTotal's per client started.
+	refused := []clientsRow{
+		{n: 0, hwm: "3.4", total: "20.9"},
+		{n: 4, attached: 3, hwm: "5.3", total: "16.9"},
+		{n: 10, attached: 3, hwm: "5.4", total: "10.9"},
+	}
+	if c, ok := perClient(refused, false, func(r clientsRow) string { return r.hwm }, func(r clientsRow) int { return r.attached }); !ok || !strings.Contains(c, "(5.4@3 − 3.4@0) / 3") {
+		t.Errorf("per attached client: %q %v", c, ok)
+	}
+	if c, ok := perClient(refused[1:], false, func(r clientsRow) string { return r.hwm }, func(r clientsRow) int { return r.attached }); ok {
+		t.Errorf("a cost between two lines with the same count: %q", c)
 	}
 }

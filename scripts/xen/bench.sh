@@ -29,8 +29,9 @@
 #      echo, the firewall must still run with no crash or OOM on its
 #      console, and its memory after that ("burst"). The memory is from
 #      the firewall's next stats line (once a minute):
-#        QGFW-XEN clients <n> idle|burst <forwards yes|no> <VmHWM> <VmRSS> <MemAvailable> <MemTotal> <detail>
-#      (MiB; "-" without a stats line). A failure is a data point.
+#        QGFW-XEN clients <n> idle|burst <attached> <forwards yes|no> <VmHWM> <VmRSS> <MemAvailable> <MemTotal> <detail>
+#      (n clients started, of which <attached> reached the echo; MiB, "-"
+#      without a stats line). A failure is a data point.
 #   QGFW-XEN benchinfo <key> <text> lines say what ran.
 # Guest consoles are copied to ours as in scenarios.sh, whose helpers this
 # script uses (pack.sh puts it in /qgfw/lib). Timeouts only guard against
@@ -259,6 +260,14 @@ attach() {
 	if ! launch clients $at_c >/dev/null 2>&1; then
 		info failed "client $at_c did not boot: $(grep -Eh -m1 'rror|too large' /tmp/$at_c.create 2>/dev/null | cut -c1-160)"; return 1
 	fi
+	# The firewall connects the vif, or refuses it (no memory for it):
+	# then the client is destroyed at once, not probed for minutes.
+	at_be=/local/domain/$(xl domid fwc 2>/dev/null)/backend/vif/$(xl domid $at_c 2>/dev/null)/0
+	if ! waitfor 30 sh -c "[ \"\$(timeout 10 xenstore-read $at_be/hotplug-status)\" = connected ]"; then
+		info failed "client $at_c ($at_ip): the firewall did not connect its vif (hotplug-status: $(timeout 10 xenstore-read $at_be/hotplug-status 2>&1 | cut -c1-60)); destroyed"
+		timeout 60 xl destroy $at_c >/dev/null 2>&1
+		return 1
+	fi
 	if ! waitfor 120 agentready $at_c; then info failed "client $at_c: no agent"; return 1; fi
 	if ! waitfor 30 expect ok $at_c tcp 10.138.0.1:7; then
 		info failed "client $at_c ($at_ip) cannot reach dom0's TCP echo: $(agent $at_c tcp 10.138.0.1:7)"; return 1
@@ -308,35 +317,39 @@ burst() {
 		*) bu_bad="$bu_bad $bu_c: $(echo "$bu_r" | cut -c1-80);" ;;
 		esac
 	done
-	echo "iperf3 --bidir -t $bu_t: $bu_ok/$# ok, $bu_sum Mbit/s in all${bu_bad:+;$bu_bad}"
+	echo "iperf3 --bidir -t $bu_t: $bu_ok/$# ok, $bu_sum Mbit/s in all${bu_bad:+;${bu_bad%;}}"
 }
 # The memory part of the firewall's stats line (boot.MemoryStats).
 STATS_RE='memory: VmHWM [0-9.]* MiB, VmRSS [0-9.]* MiB, MemAvailable [0-9.]* MiB, MemTotal [0-9.]* MiB'
 nstats() { grep -c "$STATS_RE" $CON/guest-fwc.log 2>/dev/null; }
+REFUSED='memory budget exhausted\|no memory for another client vif'
 # fwok: fwc still runs, and its console shows no crash and no OOM.
 fwok() {
 	xl domid fwc >/dev/null 2>&1 && ! grep -Eq "$CRASH|Kernel panic|Out of memory|oom-kill|invoked oom" $CON/guest-fwc.log
 }
 # newstats SEEN: fwc has logged more than SEEN stats lines, or died.
 newstats() { [ "$(nstats)" -gt "$1" ] || ! fwok; }
-# memline N PHASE FORWARDS SEEN DETAIL: wait (75 s at most: PID 1 logs
-# stats once a minute) for a stats line newer than the SEEN first ones and
-# print the result line with its VmHWM, VmRSS, MemAvailable and MemTotal
-# (MiB; "-" without one).
+# memline N PHASE ATTACHED FORWARDS SEEN DETAIL: wait (75 s at most: PID
+# 1 logs stats once a minute) for a stats line newer than the SEEN first
+# ones and print the result line with its VmHWM, VmRSS, MemAvailable and
+# MemTotal (MiB; "-" without one).
 memline() {
-	ml_mem="- - - -" ml_detail=$5 ml_fwd=$3
-	waitfor 75 newstats "$4"
+	ml_mem="- - - -" ml_detail=$6 ml_fwd=$4 ml_seen=$5
+	waitfor 75 newstats "$ml_seen"
 	if ! fwok; then
 		ml_fwd=no ml_detail="$ml_detail; the firewall died: $(why fwc)"
-	elif [ "$(nstats)" -gt "$4" ]; then
+	elif [ "$(nstats)" -gt "$ml_seen" ]; then
 		ml_mem=$(grep -o "$STATS_RE" $CON/guest-fwc.log | tail -1 |
 			sed 's/memory: VmHWM \([0-9.]*\) MiB, VmRSS \([0-9.]*\) MiB, MemAvailable \([0-9.]*\) MiB, MemTotal \([0-9.]*\) MiB/\1 \2 \3 \4/')
 	else
 		ml_detail="$ml_detail; no stats line within 75 s"
 	fi
-	grep -q "memory budget exhausted" $CON/guest-fwc.log &&
-		ml_detail="$ml_detail; the firewall refused a vif: $(grep -o -m1 'memory budget exhausted.*' $CON/guest-fwc.log | cut -c1-120)"
-	echo "QGFW-XEN clients $1 $2 $ml_fwd $ml_mem $ml_detail"
+	# Vifs the firewall refused (afpacket.Budget, or no room left for the
+	# kernel's part), said once, at rest: how many lines say so, the last.
+	ml_ref=$(grep -c "$REFUSED" $CON/guest-fwc.log)
+	[ "$2" = idle ] && [ "$ml_ref" -gt 0 ] &&
+		ml_detail="$ml_detail; the firewall refused vifs ($ml_ref lines so far), the last: $(grep "$REFUSED" $CON/guest-fwc.log | tail -1 | sed 's/^\[[^]]*\] //; s/.*qubes-go-firewall: //' | cut -c1-200)"
+	echo "QGFW-XEN clients $1 $2 $3 $ml_fwd $ml_mem $ml_detail"
 }
 # checkpoint N: the firewall's memory with the clients attached so far
 # (ATT; N meant) at rest, then after they all pushed traffic at once, and
@@ -345,9 +358,9 @@ checkpoint() {
 	cp_n=$1 cp_att=$(echo $ATT | wc -w)
 	cp_fwd=no; [ "$cp_att" = "$cp_n" ] && cp_fwd=yes
 	fwok || cp_fwd=no
-	memline "$cp_n" idle $cp_fwd "$(nstats)" "$cp_att/$cp_n attached"
+	memline "$cp_n" idle "$cp_att" $cp_fwd "$(nstats)" "$cp_att/$cp_n attached"
 	if ! fwok; then
-		echo "QGFW-XEN clients $cp_n burst no - - - - not run: the firewall died: $(why fwc)"
+		echo "QGFW-XEN clients $cp_n burst $cp_att no - - - - not run: the firewall died: $(why fwc)"
 		return
 	fi
 	# shellcheck disable=SC2086
@@ -359,7 +372,7 @@ checkpoint() {
 		if AG_TRIES=20 waitfor 6 expect ok $cp_c tcp 10.138.0.1:7; then cp_echo=$((cp_echo + 1)); else cp_no="$cp_no $cp_c"; fi
 	done
 	[ "$cp_echo" = "$cp_n" ] || cp_fwd=no
-	memline "$cp_n" burst $cp_fwd "$cp_seen" "$cp_detail; echo afterwards $cp_echo/$cp_att${cp_no:+ (not:$cp_no)}"
+	memline "$cp_n" burst "$cp_att" $cp_fwd "$cp_seen" "$cp_detail; echo afterwards $cp_echo/$cp_att${cp_no:+ (not:$cp_no)}"
 }
 clients() {
 	c_t0=$(up)
@@ -372,7 +385,7 @@ clients() {
 	if ! startfw clients fwc $CFWMEM "$FWEXTRA" "$FWUP" clientkeys >/tmp/fwc.start 2>&1 ||
 		! waitfor 90 grepq $CON/guest-fwc.log "qubesvm: running"; then
 		info failed "the 32 MiB firewall did not start: $(why fwc)"
-		for n in $CLIENTS; do echo "QGFW-XEN clients $n idle no - - - - the firewall did not start"; done
+		for n in $CLIENTS; do echo "QGFW-XEN clients $n idle 0 no - - - - the firewall did not start"; done
 		return 1
 	fi
 	# Room for the clients: lower their memory (not below 48 MiB, what
@@ -384,7 +397,7 @@ clients() {
 	info clients-vm "$CCLMEM MiB"
 	info clients "firewall $CFWMEM MiB, $NCL clients of $CCLMEM MiB, Xen's free memory $free MiB; $(grep -o -m1 'link budget: .*' $CON/guest-fwc.log)"
 	# The firewall alone first.
-	memline 0 idle yes 0 "no client"
+	memline 0 idle 0 yes 0 "no client"
 	ATT= cn=1
 	for n in $CLIENTS; do
 		while [ $cn -le "$n" ]; do
