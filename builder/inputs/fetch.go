@@ -7,11 +7,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/progress"
 )
@@ -40,32 +42,95 @@ func DefaultDir() (string, error) {
 
 // File is a pinned download identified by its SHA-256.
 type File struct {
-	Name   string // what it is, for messages
-	URL    string
-	SHA256 string // lower-case hex
-	RePin  string // how to re-pin it when the mirror no longer has it
+	Name string // what it is, for messages
+	URL  string // the live archive
+	// Fallbacks are tried in order when URL does not give the pinned
+	// bytes: Debian's snapshot archive at the pinned time, which keeps
+	// every file it ever saw after the live archive drops it.
+	Fallbacks []string
+	SHA256    string // lower-case hex
+	RePin     string // how to re-pin it when no source has it
 }
 
-// Fetch returns the path of f in the cache, downloading it if needed.
-// Cached copies are re-hashed, so a damaged cache is detected.
+// Sources are the URLs Fetch tries after the cache, in order.
+func (f File) Sources() []string { return append([]string{f.URL}, f.Fallbacks...) }
+
+// Attempt is what one source gave for a file.
+type Attempt struct {
+	Source string // "cache" or a URL
+	Err    error
+}
+
+// UnavailableError says that no source gave a pinned file's bytes, and
+// what each one did.
+type UnavailableError struct {
+	File     File
+	Attempts []Attempt
+}
+
+func (e *UnavailableError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "pinned input %s (sha256 %s) is in none of its sources:", e.File.Name, e.File.SHA256)
+	for _, a := range e.Attempts {
+		fmt.Fprintf(&b, "\n  %s: %v", a.Source, a.Err)
+	}
+	if e.File.RePin != "" {
+		fmt.Fprintf(&b, "\nre-pin it: %s", e.File.RePin)
+	}
+	return b.String()
+}
+
+// HashError is a source that served other bytes than the pinned ones.
+type HashError struct{ Got, Want string }
+
+func (e *HashError) Error() string {
+	return fmt.Sprintf("refused: sha256 %s, pinned %s", e.Got, e.Want)
+}
+
+// Fetch returns the path of f in the cache. Sources come in order: the
+// cache (re-hashed, so a damaged copy is noticed), then f.URL, then each
+// fallback; a source whose bytes do not hash to f.SHA256 is refused and
+// the next one tried. When none gives the file the error is an
+// *UnavailableError listing every source's answer.
 func (c *Cache) Fetch(ctx context.Context, f File) (string, error) {
-	path := filepath.Join(c.Dir, "files", "sha256-"+f.SHA256)
+	path := c.FilePath(f.SHA256)
+	var tried []Attempt
 	if got, err := c.hashFile(path, "checking cached "+f.Name); err == nil {
 		if got == f.SHA256 {
 			return path, nil
 		}
-		c.Logf("cached %s is damaged (sha256 %s), downloading it again", f.Name, got)
+		c.Logf("cached %s is damaged (sha256 %s), fetching it again", f.Name, got)
+		tried = append(tried, Attempt{"cache", &HashError{got, f.SHA256}})
+	} else {
+		tried = append(tried, Attempt{"cache", errors.New("not there")})
 	}
-	if err := c.download(ctx, f.Name, f.URL, path, f.SHA256, f.RePin); err != nil {
-		return "", err
+	for i, u := range f.Sources() {
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		err := c.download(ctx, f.Name, u, path, f.SHA256)
+		if err == nil {
+			if i > 0 {
+				c.Logf("%s came from %s", f.Name, u)
+			}
+			return path, nil
+		}
+		tried = append(tried, Attempt{u, err})
+		var he *HashError
+		if errors.As(err, &he) {
+			c.Logf("%s: %s %v", f.Name, u, err)
+		}
 	}
-	return path, nil
+	return "", &UnavailableError{File: f, Attempts: tried}
 }
+
+// FilePath is where the cache keeps the file of that sha256.
+func (c *Cache) FilePath(sha string) string { return filepath.Join(c.Dir, "files", "sha256-"+sha) }
 
 // download writes url to path via a temporary file, checking the SHA-256
 // if want is set, and returns an error that names the input when the
 // server no longer has it.
-func (c *Cache) download(ctx context.Context, name, url, path, want, rePin string) error {
+func (c *Cache) download(ctx context.Context, name, url, path, want string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("download %s: %w", name, err)
 	}
@@ -83,8 +148,6 @@ func (c *Cache) download(ctx context.Context, name, url, path, want, rePin strin
 	}
 	defer resp.Body.Close()
 	switch {
-	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusGone:
-		return fmt.Errorf("pinned input %s is no longer available at %s (HTTP %d); re-pin it: %s", name, url, resp.StatusCode, rePin)
 	case resp.StatusCode != http.StatusOK:
 		return fmt.Errorf("download %s from %s: HTTP %s", name, url, resp.Status)
 	}
@@ -108,7 +171,7 @@ func (c *Cache) download(ctx context.Context, name, url, path, want, rePin strin
 		return fmt.Errorf("download %s from %s: %w", name, url, err)
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); want != "" && got != want {
-		return fmt.Errorf("download %s from %s: sha256 %s, pinned %s: the mirror serves different bytes; re-pin only after checking why: %s", name, url, got, want, rePin)
+		return &HashError{Got: got, Want: want}
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("download %s: %w", name, err)
