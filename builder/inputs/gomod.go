@@ -70,6 +70,20 @@ type GoProxy struct {
 
 func (p *GoProxy) dir() string { return filepath.Join(p.Cache.Dir, "goproxy") }
 
+// CachePaths returns where the cache keeps m's proxy files, relative to
+// the cache directory and without extension (add .info, .mod, .zip).
+func CachePaths(m module.Version) (string, error) {
+	ep, err := module.EscapePath(m.Path)
+	if err != nil {
+		return "", err
+	}
+	ev, err := module.EscapeVersion(m.Version)
+	if err != nil {
+		return "", err
+	}
+	return "goproxy/" + ep + "/@v/" + ev, nil
+}
+
 func (p *GoProxy) files(m module.Version) (base, rel string, err error) {
 	ep, err := module.EscapePath(m.Path)
 	if err != nil {
@@ -97,8 +111,8 @@ func (p *GoProxy) Ensure(ctx context.Context, m *Module, withZip bool) (string, 
 		if _, err := os.Stat(base + ext); err == nil && check(base+ext) == nil {
 			return nil
 		}
-		if err := p.Cache.download(ctx, name+ext, strings.TrimSuffix(p.URL, "/")+"/"+rel+ext, base+ext, "", rePin); err != nil {
-			return err
+		if err := p.Cache.download(ctx, name+ext, strings.TrimSuffix(p.URL, "/")+"/"+rel+ext, base+ext, ""); err != nil {
+			return fmt.Errorf("%w (if the proxy no longer serves it: %s)", err, rePin)
 		}
 		return check(base + ext)
 	}
@@ -107,7 +121,7 @@ func (p *GoProxy) Ensure(ctx context.Context, m *Module, withZip bool) (string, 
 		return "", err
 	}
 	if m.ModHash != "" {
-		if err := get(".mod", func(f string) error { return checkMod(f, name, m.ModHash) }); err != nil {
+		if err := get(".mod", func(f string) error { return CheckMod(f, name, m.ModHash) }); err != nil {
 			return "", err
 		}
 	}
@@ -117,13 +131,14 @@ func (p *GoProxy) Ensure(ctx context.Context, m *Module, withZip bool) (string, 
 	if m.ZipHash == "" {
 		return "", fmt.Errorf("module %s: go.sum has no hash of its zip (run go mod download %s)", name, m.Path)
 	}
-	if err := get(".zip", func(f string) error { return checkZip(f, name, m.ZipHash) }); err != nil {
+	if err := get(".zip", func(f string) error { return CheckZip(f, name, m.ZipHash) }); err != nil {
 		return "", err
 	}
 	return base + ".zip", nil
 }
 
-func checkMod(file, name, want string) error {
+// CheckMod checks a go.mod file against its go.sum hash.
+func CheckMod(file, name, want string) error {
 	got, err := dirhash.Hash1([]string{"go.mod"}, func(string) (io.ReadCloser, error) { return os.Open(file) })
 	if err != nil {
 		return fmt.Errorf("hash %s: %w", file, err)
@@ -134,7 +149,8 @@ func checkMod(file, name, want string) error {
 	return nil
 }
 
-func checkZip(file, name, want string) error {
+// CheckZip checks a module zip against its go.sum hash.
+func CheckZip(file, name, want string) error {
 	got, err := dirhash.HashZip(file, dirhash.Hash1)
 	if err != nil {
 		return fmt.Errorf("hash %s: %w", file, err)

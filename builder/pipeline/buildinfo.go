@@ -27,6 +27,7 @@ type BuildInfo struct {
 	GoModules       []ModuleInput     `json:"go_modules"`
 	BaseImage       string            `json:"base_image"`
 	BaseSpec        base.Spec         `json:"base_spec"`
+	BaseLockSHA256  string            `json:"base_lock_sha256"`
 	BasePackages    []base.Package    `json:"base_packages"`
 	Tools           map[string]string `json:"tools"`
 	Outputs         map[string]string `json:"outputs_sha256"`
@@ -47,15 +48,10 @@ type ModuleInput struct {
 	H1      string `json:"h1"`
 }
 
-func newBuildInfo(ctx context.Context, opts Options, eng engine.Engine) (*BuildInfo, error) {
-	pv, err := eng.Version()
-	if err != nil {
-		return nil, err
-	}
+func newBuildInfo(ctx context.Context, opts Options) *BuildInfo {
 	info := &BuildInfo{
 		SourceDateEpoch: opts.Pins.SourceDateEpoch,
-		BaseSpec:        opts.Pins.Base,
-		Tools:           map[string]string{eng.Name(): pv, "qgfw-go": runtime.Version()},
+		Tools:           map[string]string{"qgfw-go": runtime.Version()},
 		Outputs:         map[string]string{},
 	}
 	// The commit is informational: a tree without git still builds.
@@ -64,7 +60,17 @@ func newBuildInfo(ctx context.Context, opts Options, eng engine.Engine) (*BuildI
 		st, _ := exec.CommandContext(ctx, "git", "-C", opts.SourceDir, "status", "--porcelain", "--untracked-files=no").Output()
 		info.SourceDirty = len(st) > 0
 	}
-	return info, nil
+	return info
+}
+
+// addEngine records the container engine's version.
+func (b *BuildInfo) addEngine(eng engine.Engine) error {
+	pv, err := eng.Version()
+	if err != nil {
+		return err
+	}
+	b.Tools[eng.Name()] = pv
+	return nil
 }
 
 func (b *BuildInfo) addFile(f inputs.File) {

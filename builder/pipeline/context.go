@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/debs"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/inputs"
 )
 
@@ -24,19 +25,21 @@ import (
 //
 // Only the packages a stage builds are copied, so that a change elsewhere
 // does not invalidate its cached layers.
-func prepareContext(ctx context.Context, cache *inputs.Cache, opts Options, dir string, info *BuildInfo) error {
+func prepareContext(ctx context.Context, cache *inputs.Cache, opts Options, lock *debs.Lock, dir string, info *BuildInfo) error {
 	src := opts.SourceDir
 	if err := copyFile(filepath.Join(src, "Containerfile"), filepath.Join(dir, "Containerfile")); err != nil {
 		return err
 	}
-	deb, err := cache.Fetch(ctx, opts.Pins.LinuxSource)
+	// The kernel source comes from the snapshot at the lock's time too:
+	// the security archive keeps only the newest upload.
+	deb, err := opts.Sources.fetchDebian(ctx, cache, opts.Pins.LinuxSource, lock.Snapshot)
 	if err != nil {
 		return err
 	}
 	if err := linkOrCopy(deb, filepath.Join(dir, "inputs", "linux-source.deb")); err != nil {
 		return err
 	}
-	info.addFile(opts.Pins.LinuxSource)
+	info.addFile(opts.Sources.file(opts.Pins.LinuxSource, lock.Snapshot))
 
 	proxy := &inputs.GoProxy{Cache: cache, URL: opts.GoProxy}
 	tc := opts.Pins.GoToolchain

@@ -36,11 +36,12 @@ const (
 
 // Options configure one build.
 type Options struct {
-	SourceDir string // the repository checkout
-	DistDir   string // where the artifacts go
-	Checksums string // published SHA256SUMS to compare with ("" = none)
-	CacheDir  string // downloaded inputs and work files
-	GoProxy   string // module proxy URL for the toolchain and modules
+	SourceDir string  // the repository checkout
+	DistDir   string  // where the artifacts go
+	Checksums string  // published SHA256SUMS to compare with ("" = none)
+	CacheDir  string  // downloaded inputs and work files
+	GoProxy   string  // module proxy URL for the toolchain and modules
+	Sources   Sources // where pinned Debian files come from after the cache
 	Pins      Pins
 	Engine    string    // "podman" (API bindings) or "docker" (docker CLI)
 	Log       io.Writer // progress and build output
@@ -94,7 +95,31 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return nil, fmt.Errorf("build: %w", err)
 		}
 	}
+	// The lock is checked before anything else runs: a lock made for
+	// other packages, or unreadable, stops the build here.
+	lock, spec, err := loadLock(&opts)
+	if err != nil {
+		return nil, err
+	}
 	if err := checkSpace(opts.CacheDir, needWorkDir, "free space there or point XDG_CACHE_HOME at a larger file system"); err != nil {
+		return nil, err
+	}
+
+	// Every input is fetched and verified before the engine is even
+	// contacted: a changed or superseded pin stops the build before any
+	// container runs.
+	info := newBuildInfo(ctx, opts)
+	info.BaseSpec, info.BaseLockSHA256 = spec, spec.LockSHA256
+	lg.step("fetching pinned inputs")
+	work, err := os.MkdirTemp(opts.CacheDir, "work-")
+	if err != nil {
+		return nil, fmt.Errorf("build: %w", err)
+	}
+	defer os.RemoveAll(work)
+	cache := &inputs.Cache{Dir: opts.CacheDir, Logf: lg.logf, Progress: opts.Progress}
+	ctxDir := filepath.Join(work, "context")
+	debPaths, err := gather(ctx, cache, opts, lock, ctxDir, info)
+	if err != nil {
 		return nil, err
 	}
 
@@ -116,25 +141,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return nil, err
 		}
 	}
-	info, err := newBuildInfo(ctx, opts, svc)
-	if err != nil {
-		return nil, err
-	}
-
-	lg.step("fetching pinned inputs")
-	work, err := os.MkdirTemp(opts.CacheDir, "work-")
-	if err != nil {
-		return nil, fmt.Errorf("build: %w", err)
-	}
-	defer os.RemoveAll(work)
-	cache := &inputs.Cache{Dir: opts.CacheDir, Logf: lg.logf, Progress: opts.Progress}
-	ctxDir := filepath.Join(work, "context")
-	if err := prepareContext(ctx, cache, opts, ctxDir, info); err != nil {
+	if err := info.addEngine(svc); err != nil {
 		return nil, err
 	}
 
 	lg.step("base image")
-	baseTag, pkgs, err := base.Ensure(ctx, svc, opts.Pins.Base, work, lg.logf, lg.output())
+	baseTag, pkgs, err := base.Ensure(ctx, svc, spec, lock, debPaths, work, lg.logf, lg.output())
 	if err != nil {
 		return nil, err
 	}

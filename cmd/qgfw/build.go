@@ -19,6 +19,7 @@ import (
 
 type buildOptions struct {
 	source, dist, checksums, cache, goProxy, engine string
+	mirror, snapshot                                string
 	quiet, json, update                             bool
 }
 
@@ -27,9 +28,10 @@ func newBuildCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "build",
 		Short: "Build the VM image reproducibly with podman and compare it with checksums/SHA256SUMS",
-		Long: `build fetches the pinned inputs (kernel source package, Go toolchain, Go
-modules; cached by hash so rebuilds work offline), creates the base image if
-needed, builds the Containerfile through the podman API (CONTAINER_HOST, the
+		Long: `build fetches the pinned inputs (kernel source package, the base image's
+locked Debian packages, Go toolchain, Go modules; cached by hash so rebuilds
+work offline; Debian files fall back to snapshot.debian.org at the lock's
+time), creates the base image from exactly the locked .debs if needed, builds the Containerfile through the podman API (CONTAINER_HOST, the
 default socket, or a private podman service it starts and stops), and writes
 dist/vmlinuz, dist/initramfs, dist/vmlinux, dist/SHA256SUMS and
 dist/buildinfo.json. It then compares the artifacts with the published
@@ -46,6 +48,9 @@ It refuses to start (code 7) when the disk is too full for a build.`,
 	f.StringVar(&o.checksums, "checksums", "", `published sums to compare with (default SOURCE/checksums/SHA256SUMS; "none" to skip)`)
 	f.StringVar(&o.cache, "cache", "", "cache of downloaded inputs (default $XDG_CACHE_HOME/qgfw)")
 	f.StringVar(&o.goProxy, "go-proxy", "", "Go module proxy for the toolchain and modules (default: first entry of $GOPROXY, else https://proxy.golang.org)")
+	d := pipeline.DefaultSources()
+	f.StringVar(&o.mirror, "debian-mirror", d.Mirror, "Debian mirror serving /debian and /debian-security, tried after the cache")
+	f.StringVar(&o.snapshot, "snapshot", d.Snapshot, `Debian snapshot archive, tried after the mirror at the lock's time ("" to skip)`)
 	f.StringVar(&o.engine, "engine", "podman", "container engine: podman (API bindings) or docker (docker CLI)")
 	f.BoolVarP(&o.quiet, "quiet", "q", false, "print only the result (and the tail of the build log on failure)")
 	f.BoolVar(&o.json, "json", false, "print the result as JSON")
@@ -70,6 +75,7 @@ func runBuild(cmd *cobra.Command, o *buildOptions) error {
 		CacheDir:  o.cache,
 		GoProxy:   o.goProxy,
 		Pins:      pipeline.DefaultPins(),
+		Sources:   pipeline.Sources{Mirror: o.mirror, Snapshot: o.snapshot},
 		Engine:    o.engine,
 		Log:       cmd.ErrOrStderr(),
 		Quiet:     o.quiet,

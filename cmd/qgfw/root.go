@@ -59,6 +59,7 @@ Exit codes:
 	})
 	root.AddCommand(
 		newBuildCmd(),
+		newInputsCmd(),
 		newCleanCmd(),
 		newVersionCmd(),
 		newKeygenCmd(),

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"path"
 	"runtime"
 	"runtime/debug"
 
@@ -31,8 +32,8 @@ func newVersionCmd() *cobra.Command {
 				Version:     "(devel)",
 				Go:          runtime.Version(),
 				GoToolchain: pins.GoToolchain.Version,
-				LinuxSource: pins.LinuxSource.Name,
-				BaseImage:   pins.Base.Tag(),
+				LinuxSource: path.Base(pins.LinuxSource.Path),
+				BaseImage:   pins.Base.Suite + ", locked in " + pins.BaseLock,
 			}
 			if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
 				v.Version = bi.Main.Version
