@@ -18,6 +18,7 @@ GOFILES = $(shell find . -name '*.go' -not -path './dist/*' -not -path './.git/*
 .PHONY: bench-netns bench-go
 .PHONY: image-smoke image-test bench-image
 .PHONY: qgfw image checksums repro test-builder test-netns check-cosign
+.PHONY: test-inputs test-offline
 
 all: test
 
@@ -25,7 +26,7 @@ all: test
 # image build compared with checksums/SHA256SUMS (warm runs reuse the input
 # cache and the kernel stage), the image booted in QEMU, then under real Xen.
 # Keep this order.
-test: setup check unit fuzz-smoke test-builder image image-smoke image-test test-xen
+test: setup check unit fuzz-smoke test-builder image test-inputs image-smoke image-test test-xen test-offline
 
 # Installs the Debian packages and host configuration the tests need.
 setup:
@@ -124,6 +125,20 @@ qgfw:
 # them with checksums/SHA256SUMS (exit 3 on a mismatch).
 image: qgfw
 	bin/qgfw build
+
+# With the input cache `make image` filled: the Debian files' source order
+# (cache, live mirror, snapshot archive) and hash refusals against real
+# HTTP servers on loopback shaped like deb.debian.org and
+# snapshot.debian.org, and a hand-edited lock entry stopping the build
+# before it contacts podman.
+test-inputs:
+	QGFW_TEST_INPUTS=1 $(GO) test -tags "$(ROOT_TAGS)" -count=1 -run '^TestInputs' -v ./cmd/qgfw/
+
+# export -> fresh cache and podman store -> import -> build in a network
+# namespace without routes; must reproduce checksums/SHA256SUMS. About 12
+# minutes (a cold kernel stage). Root.
+test-offline: qgfw
+	./scripts/test-offline-build.sh
 
 # Rebuilds and writes the artifacts' sums to checksums/SHA256SUMS; run it
 # after changing the firewall, the kernel config or a pin.
