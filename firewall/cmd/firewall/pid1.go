@@ -281,10 +281,16 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) err
 	cfg.Budget = b
 	cfg.OpenLink = qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, Weight: 4, Reserved: true})
 	openClient := qubesvm.OpenAFPacket(boot.InterfaceUp, afpacket.Config{Logf: logf, Budget: b, WriteTimeout: -1})
-	room := &vifRoom{total: total, now: time.Now, available: func() (int64, error) {
-		m, err := boot.ReadMemory()
-		return m.Available << 10, err
-	}}
+	room := &vifRoom{
+		total:  total,
+		growth: slotBudget(total) * 5 / 4, // the GC's slack on top
+		now:    time.Now,
+		links:  func() int { return len(b.Shares()) },
+		memory: func() (boot.Memory, error) {
+			m, err := boot.ReadMemory()
+			return boot.Memory{HWM: m.HWM << 10, RSS: m.RSS << 10, Available: m.Available << 10, Total: m.Total << 10}, err
+		},
+	}
 	cfg.OpenClientLink = func(ctx context.Context, name string) (link.Link, error) {
 		if err := room.admit(name); err != nil {
 			return nil, err
@@ -293,6 +299,9 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) err
 	}
 	return nil
 }
+
+// slotBudget is the links' receive slots and arenas: an eighth of the VM.
+func slotBudget(total int64) int64 { return total / 8 }
 
 // linkBudget divides the VM's memory: an eighth for the links' receive
 // slots and the dispatcher's arenas (Go heap, under the runtime's limit of
@@ -303,7 +312,7 @@ func qubesLinks(cfg *qubesvm.Config, total int64, logf func(string, ...any)) err
 // the new netfront (make test-xen). TestClientsPerVMSize checks the
 // sizes Qubes users run (32 MB with 10 clients, 64 MB with 30).
 func linkBudget(total int64, logf func(string, ...any)) *afpacket.Budget {
-	slots, queues := int(total/8), int(total/8)
+	slots, queues := int(slotBudget(total)), int(total/8)
 	logf("link budget: %d KiB of receive slots and arenas, %d KiB of socket queues, shared by all links", slots>>10, queues>>10)
 	return afpacket.NewBudget(slots, queues, dispatch.ArenaSize)
 }

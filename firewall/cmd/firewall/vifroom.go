@@ -5,20 +5,28 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/qubes-go-firewall/qubes-go-firewall/firewall/boot"
 )
 
-// vifKernelCost is what the VM's kernel takes for one more client vif once
-// the client's netfront connects, beyond the firewall's own buffers:
-// netback maps the client's grants into 256 pages it takes out of the VM's
-// RAM (gnttab_alloc_pages; the image has no balloon driver and no
-// unpopulated-memory allocator), plus its queue structure, two kernel
-// threads and the packets its queues hold under load. Measured under Xen
-// (make bench-xen, the firewall's stats line as clients attach to a 32 MiB
-// VM): MemTotal falls by 1 MiB per client (those pages), MemAvailable by
-// 1.65 MiB (the firewall's own share of 0.4 MiB included).
-const vifKernelCost = 7 << 18 // 1.75 MiB
+// vifKernelCost is what MemAvailable falls by when one more client's
+// netfront connects, beyond the firewall's own buffers: netback's queue
+// structure, its two kernel threads and their rings. Netback's 256 grant
+// pages per vif no longer come out of RAM (the kernel maps grants into
+// unpopulated space, XEN_UNPOPULATED_ALLOC; before, MemTotal fell by
+// 1 MiB per client and this was 1.75 MiB). Measured under Xen (make
+// bench-xen, the stats line as clients attach to a 32 MiB VM): 0.6 MiB.
+const vifKernelCost = 3 << 18 // 0.75 MiB
 
-// vifSettle is how long after an admission its kernel cost may not yet
+// vifBurst is the headroom every open link needs on top of the floor for
+// the packets the kernel queues for it under load: netback's queue toward
+// a busy client holds up to about half a MiB of skbs before it drops.
+// Without it, three clients of a 32 MiB VM pushing at once ran the kernel
+// out of memory ("System is deadlocked on memory") although each had
+// been admitted with its resting cost.
+const vifBurst = 1 << 19 // 0.5 MiB
+
+// vifSettle is// vifSettle is how long after an admission its kernel cost may not yet
 // show in MemAvailable: netback allocates when the client's frontend
 // connects, after the firewall has opened the vif.
 const vifSettle = 20 * time.Second
@@ -33,27 +41,40 @@ var errNoRoomForVif = errors.New("no memory for another client vif")
 // kill). A refused vif gets no hotplug-status, so the client VM fails to
 // start with a network error, as for a Budget refusal.
 type vifRoom struct {
-	total     int64                 // the VM's memory (MemTotal)
-	available func() (int64, error) // MemAvailable in bytes
-	now       func() time.Time
+	total int64 // the VM's memory (MemTotal)
+	// growth is how far the firewall's own resident set may grow under
+	// load: its receive slots fill their budget when Budget.Adapt heats
+	// busy links (a 32 MiB VM's grew by 2.6 MiB in two bursts, make
+	// bench-xen). What it has not grown yet is kept out of what vifs may
+	// take.
+	growth int64
+	memory func() (boot.Memory, error) // bytes
+	links  func() int                  // links open now (uplink and clients)
+	now    func() time.Time
 
 	mu     sync.Mutex
+	rss0   int64       // the firewall's resident set at the first admission
 	recent []time.Time // admissions whose cost may not show yet
 }
 
-// floor is what MemAvailable must keep after a new vif's cost: the
-// kernel's reserve for bursts (socket and netback queues, a netvm change's
-// new netfront).
-func (r *vifRoom) floor() int64 { return max(4<<20, r.total/8) }
+// floor is what MemAvailable must keep after a new vif's cost and every
+// link's burst headroom: the kernel's own reserve (its watermarks, a netvm
+// change's new netfront).
+func (r *vifRoom) floor() int64 { return max(2<<20, r.total/16) }
 
 // admit reports whether another client vif fits, and counts it if so.
 func (r *vifRoom) admit(name string) error {
-	avail, err := r.available()
+	m, err := r.memory()
 	if err != nil {
 		return fmt.Errorf("client %s: %w", name, err) // fail closed
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.rss0 == 0 {
+		r.rss0 = m.RSS
+	}
+	reserve := max(0, r.growth-max(0, m.RSS-r.rss0))
+	avail := m.Available - reserve
 	now := r.now()
 	keep := r.recent[:0]
 	for _, t := range r.recent {
@@ -62,10 +83,12 @@ func (r *vifRoom) admit(name string) error {
 		}
 	}
 	r.recent = keep
+	links := r.links() + 1 // the new one included
 	left := avail - int64(len(r.recent)+1)*vifKernelCost
-	if left < r.floor() {
-		return fmt.Errorf("client %s: %w: %d KiB available, %d client(s) still settling, a vif takes about %d KiB and %d KiB must stay free",
-			name, errNoRoomForVif, avail>>10, len(r.recent), vifKernelCost>>10, r.floor()>>10)
+	keepFree := r.floor() + int64(links)*vifBurst
+	if left < keepFree {
+		return fmt.Errorf("client %s: %w: %d KiB available (%d KiB less the firewall's own growth still to come), %d client(s) still settling, a vif takes about %d KiB and %d KiB must stay free (%d KiB and %d KiB for each of %d links under load)",
+			name, errNoRoomForVif, avail>>10, m.Available>>10, len(r.recent), vifKernelCost>>10, keepFree>>10, r.floor()>>10, vifBurst>>10, links)
 	}
 	r.recent = append(r.recent, now)
 	return nil
