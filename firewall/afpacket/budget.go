@@ -31,8 +31,13 @@ type Budget struct {
 	slots, queues, perLink int
 
 	mu    sync.Mutex
-	links map[*Link]Share
-	heat  map[*Link]int // Adapt's multiplier of each link's weight
+	links map[*Link]*budgetLink
+}
+
+// budgetLink is what a Budget keeps of one open link.
+type budgetLink struct {
+	share Share
+	heat  int // Adapt's multiplier of the link's weight
 }
 
 // Share is what a Budget gives one link.
@@ -55,7 +60,7 @@ const (
 // included), of which each link first pays perLink bytes of slot memory
 // for buffers its user keeps (the dispatcher's arena).
 func NewBudget(slots, queues, perLink int) *Budget {
-	return &Budget{slots: slots, queues: queues, perLink: perLink, links: map[*Link]Share{}, heat: map[*Link]int{}}
+	return &Budget{slots: slots, queues: queues, perLink: perLink, links: map[*Link]*budgetLink{}}
 }
 
 // Shares returns the current share of each open link, by name.
@@ -63,8 +68,8 @@ func (b *Budget) Shares() map[string]Share {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	m := make(map[string]Share, len(b.links))
-	for l, s := range b.links {
-		m[l.name] = s
+	for l, bl := range b.links {
+		m[l.name] = bl.share
 	}
 	return m
 }
@@ -73,9 +78,9 @@ func (b *Budget) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	var slots, queues int
-	for l, s := range b.links {
-		slots += s.Batch * l.rx.slot
-		queues += 4 * s.SocketBuffer
+	for l, m := range b.links {
+		slots += m.share.Batch * l.rx.slot
+		queues += 4 * m.share.SocketBuffer
 	}
 	return fmt.Sprintf("%d links: %d KiB of slots (budget %d KiB), %d KiB of socket queues at most (budget %d KiB)",
 		len(b.links), slots>>10, b.slots>>10, queues>>10, b.queues>>10)
@@ -115,8 +120,7 @@ func (b *Budget) join(l *Link) error {
 			return fmt.Errorf("%w (%d links, %d KiB of receive slots)", ErrBudget, len(b.links), b.slots>>10)
 		}
 	}
-	b.links[l] = Share{}
-	b.heat[l] = 1
+	b.links[l] = &budgetLink{heat: 1}
 	b.rebalanceLocked()
 	return nil
 }
@@ -128,7 +132,6 @@ func (b *Budget) leave(l *Link) {
 		return
 	}
 	delete(b.links, l)
-	delete(b.heat, l)
 	b.rebalanceLocked()
 }
 
@@ -146,15 +149,15 @@ func (b *Budget) Adapt() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	changed := false
-	for l := range b.links {
-		h := b.heat[l]
+	for l, m := range b.links {
+		h := m.heat
 		if l.fullReads.Swap(0) > 0 {
 			h = min(2*h, maxHeat)
 		} else {
 			h = max(h/2, 1)
 		}
-		if h != b.heat[l] {
-			b.heat[l] = h
+		if h != m.heat {
+			m.heat = h
 			changed = true
 		}
 	}
@@ -179,8 +182,8 @@ func (b *Budget) Run(ctx context.Context) {
 
 func (b *Budget) rebalanceLocked() {
 	weights := 0
-	for l := range b.links {
-		weights += l.cfg.Weight * b.heat[l]
+	for l, m := range b.links {
+		weights += l.cfg.Weight * m.heat
 	}
 	// Slots by weight, water-filled: a link whose part is more than it
 	// can use (Config.BatchSize slots) gets what it can use, and the rest
@@ -189,11 +192,11 @@ func (b *Budget) rebalanceLocked() {
 	batch := make(map[*Link]int, len(b.links))
 	for capped := true; capped; {
 		capped = false
-		for l := range b.links {
+		for l, m := range b.links {
 			if _, ok := batch[l]; ok {
 				continue
 			}
-			if w := l.cfg.Weight * b.heat[l]; free*w/pool/l.rx.slot >= l.cfg.BatchSize {
+			if w := l.cfg.Weight * m.heat; free*w/pool/l.rx.slot >= l.cfg.BatchSize {
 				batch[l] = l.cfg.BatchSize
 				free -= l.cfg.BatchSize * l.rx.slot
 				pool -= w
@@ -201,8 +204,9 @@ func (b *Budget) rebalanceLocked() {
 			}
 		}
 	}
-	for l, old := range b.links {
-		w := l.cfg.Weight * b.heat[l]
+	for l, m := range b.links {
+		old := m.share
+		w := l.cfg.Weight * m.heat
 		n, ok := batch[l]
 		if !ok {
 			n = max(free*w/pool/l.rx.slot, minBatch)
@@ -216,7 +220,7 @@ func (b *Budget) rebalanceLocked() {
 		}
 		if s != old {
 			l.setShare(old, s)
-			b.links[l] = s
+			m.share = s
 		}
 	}
 }
