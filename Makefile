@@ -102,8 +102,9 @@ test-xen: xen-prepare
 # with (XEN_BENCH_SIZES, MiB), then iperf3 and ping through it next to a
 # Linux firewall VM (Debian's kernel, nftables masquerade) in the same
 # topology (XEN_BENCH_RUNS rounds; 0 skips it), then client VMs attached
-# one at a time to a 32 MiB firewall, all pushing traffic at once at each
-# count of XEN_BENCH_CLIENTS, with the firewall's VmHWM (0 skips it).
+# one at a time to a firewall of XEN_BENCH_CLIENTS_MEM MiB (default 32),
+# all pushing traffic at once at each count of XEN_BENCH_CLIENTS, with the
+# firewall's VmHWM (0 skips it).
 # Report in dist/bench/xen-<UTC time>.md; asserts nothing. Under TCG the
 # ratios mostly measure emulation cost; bench-netns is the CPU
 # comparison. About 40 minutes. Root.
@@ -111,10 +112,11 @@ XEN_BENCH_SIZES   ?= 64-48-40-32-28-24-20
 XEN_BENCH_TIME    ?= 5
 XEN_BENCH_RUNS    ?= 3
 XEN_BENCH_CLIENTS ?= 4-10
+XEN_BENCH_CLIENTS_MEM ?= 32
 bench-xen: xen-prepare
 	cd firewall && QGFW_XEN_DIST=$(CURDIR)/dist QGFW_XEN_BENCH=1 QGFW_XEN_BENCH_SIZES=$(XEN_BENCH_SIZES) \
 		QGFW_XEN_BENCH_TIME=$(XEN_BENCH_TIME) QGFW_XEN_BENCH_RUNS=$(XEN_BENCH_RUNS) \
-		QGFW_XEN_BENCH_CLIENTS=$(XEN_BENCH_CLIENTS) \
+		QGFW_XEN_BENCH_CLIENTS=$(XEN_BENCH_CLIENTS) QGFW_XEN_BENCH_CLIENTS_MEM=$(XEN_BENCH_CLIENTS_MEM) \
 		$(GO) test -count=1 -v -run '^TestXenBench$$' -timeout 120m ./xentest/
 
 # The builder CLI.

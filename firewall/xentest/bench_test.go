@@ -87,6 +87,7 @@ func TestXenBench(t *testing.T) {
 		t.Fatalf("QGFW_XEN_BENCH_SIZES=%q, QGFW_XEN_BENCH_UDP=%q: want e.g. 64-32-16 and 20M", sizes, udp)
 	}
 	clientsSpec := envOr("QGFW_XEN_BENCH_CLIENTS", "4-10")
+	clientsMem := envInt(t, "QGFW_XEN_BENCH_CLIENTS_MEM", 32)
 	counts, err := parseClientCounts(clientsSpec)
 	if err != nil {
 		t.Fatalf("QGFW_XEN_BENCH_CLIENTS=%q: %v", clientsSpec, err)
@@ -106,7 +107,7 @@ func TestXenBench(t *testing.T) {
 	run := prepareRun(t, e, "bench-"+began.UTC().Format("20060102-150405"), "QGFW_XEN_BENCH=1", "QGFW_XEN_SCENARIOS="+script)
 	load := loadavg()
 	serial := filepath.Join(run, "serial.log")
-	spec := fmt.Sprintf("%s:%d:%d:%s:%s", sizes, secs, runs, udp, clientsSpec)
+	spec := fmt.Sprintf("%s:%d:%d:%s:%s:%d", sizes, secs, runs, udp, clientsSpec, clientsMem)
 	res, err := bootRetrying(t, e, filepath.Join(run, "dom0.cpio"), spec, serial, run)
 	os.Remove(filepath.Join(run, "dom0.cpio"))
 	took := time.Since(began)
@@ -193,7 +194,7 @@ func TestXenBench(t *testing.T) {
 	} else {
 		fmt.Fprintf(&rep, "\n### Throughput and latency\n\nNot measured (QGFW_XEN_BENCH_RUNS=0).\n")
 	}
-	clientsReport(&rep, crows, counts, info, secs)
+	clientsReport(&rep, crows, counts, info, secs, clientsMem)
 	var notes []string
 	for _, k := range []string{"memory", "lfw", "client", "fwstats", "clients-fwstats", "failed", "error"} {
 		for _, s := range info[k] {

@@ -62,22 +62,22 @@ func clientsMinutes(counts []int) int {
 
 // clientsReport writes section c's table and the per-client costs, from
 // the QGFW-XEN clients lines (clientsRE) and the section's benchinfo.
-func clientsReport(rep *strings.Builder, rows []clientsRow, counts []int, info map[string][]string, secs int) {
-	fmt.Fprintf(rep, "\n### Clients behind a 32 MiB firewall\n\n")
+func clientsReport(rep *strings.Builder, rows []clientsRow, counts []int, info map[string][]string, secs, fwMiB int) {
+	fmt.Fprintf(rep, "\n### Clients behind a %d MiB firewall\n\n", fwMiB)
 	if len(counts) == 0 {
 		fmt.Fprintf(rep, "Not measured (QGFW_XEN_BENCH_CLIENTS=0).\n")
 		return
 	}
-	fmt.Fprintf(rep, "The image at 32 MiB as qubesd starts it; client VMs (the image's kernel, busybox, iperf3; %s each) attached one at a time, "+
+	fmt.Fprintf(rep, "The image at %d MiB as qubesd starts it; client VMs (the image's kernel, busybox, iperf3; %s each) attached one at a time, "+
 		"each with Qubes' default MAC, its own address and an accept-all ruleset, and each must reach dom0's TCP echo through the firewall when it attaches. "+
 		"The firewall alone first; then at each count its memory at rest (\"idle\"), and after every attached client ran `iperf3 --bidir -t %d` "+
 		"to its own iperf3 server in dom0, all at once (\"burst\"): every client must then still reach the echo, and the firewall must still run "+
 		"with no crash or OOM on its console (\"all forward\"). "+
 		"A client the firewall refuses (no memory for it) is destroyed and counts as started, not attached. "+
 		"The figures are from the firewall's next stats line (once a minute): VmHWM, the process's peak resident set since boot; VmRSS, now; "+
-		"MemAvailable and MemTotal, the VM's (MemTotal shrinks when the kernel hands pages to Xen to map grants into). "+
+		"MemAvailable and MemTotal, the VM's (MemTotal would shrink if the kernel handed pages to Xen to map grants into; with XEN_UNPOPULATED_ALLOC it does not). "+
 		"Goal (issue 14): VmHWM ≤ 16 MiB at 4 clients, and forwarding with 10.\n\n",
-		orDash(strings.Join(info["clients-vm"], ", ")), 2*secs)
+		fwMiB, orDash(strings.Join(info["clients-vm"], ", ")), 2*secs)
 	fmt.Fprintf(rep, "| clients started | attached | traffic | all forward | VmHWM (MiB) | VmRSS (MiB) | MemAvailable (MiB) | MemTotal (MiB) | what happened |\n|---:|---:|---|---|---:|---:|---:|---:|---|\n")
 	for _, r := range rows {
 		phase := "idle"
@@ -178,7 +178,7 @@ func TestClientsReport(t *testing.T) {
 		rows = append(rows, r)
 	}
 	var rep strings.Builder
-	clientsReport(&rep, rows, []int{4, 10}, map[string][]string{"clients-time": {"600.5"}, "clients-vm": {"64 MiB"}}, 5)
+	clientsReport(&rep, rows, []int{4, 10}, map[string][]string{"clients-time": {"600.5"}, "clients-vm": {"64 MiB"}}, 5, 32)
 	for _, want := range []string{
 		"| 4 | 4 | burst | yes | 11.5 | 10.2 | 3.1 | 16.0 | iperf3 --bidir",
 		"| 10 | 9 | idle | no | - | - | - | - | 9/10 attached; the firewall died: Out of memory |",

@@ -3,8 +3,8 @@
 # of scenarios.sh (pack.sh with QGFW_XEN_SCENARIOS=bench.sh and
 # QGFW_XEN_BENCH=1, which also packs the Linux firewall VM and iperf3).
 #
-# Usage: bench.sh SIZES:SECONDS:RUNS:UDPRATE[:CLIENTS]
-#        e.g. "64-48-32-24:5:3:20M:4-10"
+# Usage: bench.sh SIZES:SECONDS:RUNS:UDPRATE[:CLIENTS[:CLIENTSMEM]]
+#        e.g. "64-48-32-24:5:3:20M:4-10:32"
 #
 #   a  memory sweep: the firewall image started as qubesd starts it at each
 #      size of SIZES (MiB), one client that must reach dom0's TCP echo
@@ -19,7 +19,7 @@
 #      every round, both measured back to back for every metric:
 #        QGFW-XEN bench <metric> <go value> <linux value>
 #      ("-" when a measurement failed). RUNS 0 skips it.
-#   c  clients: the firewall at 32 MiB as qubesd starts it, client VMs
+#   c  clients: the firewall at CLIENTSMEM MiB (default 32) as qubesd starts it, client VMs
 #      attached one at a time (each must reach dom0's TCP echo when it
 #      attaches) up to the last count of CLIENTS ("-"-separated, rising;
 #      default 4-10; 0 skips it). Alone first, then at each count: the
@@ -51,6 +51,7 @@ SECS=$(echo "$SPEC" | cut -d: -f2); SECS=${SECS:-5}
 RUNS=$(echo "$SPEC" | cut -d: -f3); RUNS=${RUNS:-3}
 UDPRATE=$(echo "$SPEC" | cut -d: -f4); UDPRATE=${UDPRATE:-20M}
 CLIENTS=$(echo "$SPEC" | cut -d: -f5 | tr '-' ' '); CLIENTS=${CLIENTS:-4 10}
+CFWMEM=$(echo "$SPEC" | cut -d: -f6); CFWMEM=${CFWMEM:-32}
 FWMEM=64 LFWMEM=256 CLMEM=96
 R=0
 info() { echo "QGFW-XEN benchinfo $*"; }
@@ -234,9 +235,9 @@ throughput() {
 	echo "QGFW-XEN bench cpu_s $(cpusince fw "$c0fw") $(cpusince lfw "$c0lfw")"
 }
 
-# ---- c: clients behind a 32 MiB firewall
+# ---- c: clients behind a CFWMEM MiB firewall
 
-CFWMEM=32 CCLMEM=64
+CCLMEM=64
 # clientkeys NAME: fwkeys, and an accept-all ruleset for each of
 # section c's clients, 10.137.0.21 and up (cN is 10.137.0.(20+N)).
 clientkeys() {
@@ -384,7 +385,7 @@ clients() {
 	follow fwc
 	if ! startfw clients fwc $CFWMEM "$FWEXTRA" "$FWUP" clientkeys >/tmp/fwc.start 2>&1 ||
 		! waitfor 90 grepq $CON/guest-fwc.log "qubesvm: running"; then
-		info failed "the 32 MiB firewall did not start: $(why fwc)"
+		info failed "the $CFWMEM MiB firewall did not start: $(why fwc)"
 		for n in $CLIENTS; do echo "QGFW-XEN clients $n idle 0 no - - - - the firewall did not start"; done
 		return 1
 	fi
