@@ -49,10 +49,12 @@ runroot = "$work/run"
 EOF
 mkdir -p "$work/cache" "$work/home" "$work/dist"
 
-# Inside: a mount namespace of its own, so that no podman socket of the
-# host (/run/podman) is seen and qgfw starts a private service on the
-# fresh store; the network namespace has only lo.
-ip netns exec "$ns" unshare -m sh -eu -c '
+# Inside: the network namespace, which has only lo (entered with nsenter:
+# `ip netns exec` remounts /sys, and with it the cgroup mounts runc needs),
+# and a mount namespace of its own, so that no podman socket of the host
+# (/run/podman) is seen and qgfw starts a private service on the fresh
+# store.
+nsenter --net="/run/netns/$ns" unshare -m sh -eu -c '
 	work=$1
 	if [ -d /run/podman ]; then mount -t tmpfs tmpfs /run/podman; fi
 	export XDG_CACHE_HOME=$work/home CONTAINERS_STORAGE_CONF=$work/storage.conf
