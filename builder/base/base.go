@@ -22,6 +22,7 @@ import (
 
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/debs"
 	"github.com/qubes-go-firewall/qubes-go-firewall/builder/engine"
+	"github.com/qubes-go-firewall/qubes-go-firewall/builder/sums"
 )
 
 // Spec is everything that determines the base image's contents.
@@ -251,10 +252,15 @@ func Resolve(ctx context.Context, client *http.Client, s Spec, workDir, keepDir 
 		// apt names a downloaded .deb NAME_VERSION_ARCH with the epoch's
 		// colon escaped; the pool leaves the epoch out.
 		deb := filepath.Join(archives, p.name+"_"+strings.ReplaceAll(p.version, ":", "%3a")+"_"+p.arch+".deb")
-		sum, size, err := hashFile(deb)
+		h, err := sums.HashFile(deb)
+		var fi os.FileInfo
+		if err == nil {
+			fi, err = os.Stat(deb)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("lock: %s: %w", p.name, err)
 		}
+		sum, size := hex.EncodeToString(h[:]), fi.Size()
 		if sum != e.SHA256 {
 			return nil, fmt.Errorf("lock: %s: the downloaded .deb has sha256 %s, the index %s", p.name, sum, e.SHA256)
 		}
@@ -270,20 +276,6 @@ func Resolve(ctx context.Context, client *http.Client, s Spec, workDir, keepDir 
 	// Round-trip through the parser: what is written must be what a
 	// build accepts.
 	return debs.ParseLock(lock.Format())
-}
-
-func hashFile(path string) (string, int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return "", 0, err
-	}
-	return hex.EncodeToString(h.Sum(nil)), n, nil
 }
 
 // ParsePackages parses the PackagesLabel value.
