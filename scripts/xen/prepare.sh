@@ -129,7 +129,10 @@ if [ ! -f "$Q/ready" ]; then
 			mv "$tree.tmp"/* "$tree"; rmdir "$tree.tmp"
 		else
 			log "cloning QubesOS/$repo at $commit"
-			git clone -q "https://github.com/QubesOS/$repo" "$tree"
+			git clone -q "https://github.com/QubesOS/$repo" "$tree" || {
+				echo "xen-prepare: $repo at $commit is in none of its sources: not in $C/src, no $snap, and the clone failed; point QUBES_SRC (make) or QGFW_QUBES_SRC at the directory holding $repo-$commit.tar.gz" >&2
+				exit 1
+			}
 			git -C "$tree" -c advice.detachedHead=false checkout -q "$commit"
 			[ "$(git -C "$tree" rev-parse HEAD)" = "$commit" ] || { echo "xen-prepare: $repo is not at $commit" >&2; exit 1; }
 			tar -C "$C/src" -czf "$tgz" --exclude .git "$(basename "$tree")"
