@@ -47,15 +47,13 @@ COSIGN_VERSIONS ?= v2.6.5 v3.1.3
 check-cosign:
 	./scripts/check-cosign.sh $(COSIGN_VERSIONS)
 
-# The unit tests, then every benchmark for 10,000 iterations (enough to fill
-# a NAT table), so that a benchmark whose setup no longer holds fails here
-# and not first in make bench (BenchmarkForward, 5 s per variant on the
-# netns tier, is left to make bench).
+# The unit tests and, in the same run, every benchmark for 10,000
+# iterations (enough to fill a NAT table), so that a benchmark whose setup
+# no longer holds fails here and not first in make bench (BenchmarkForward,
+# 5 s per variant on the netns tier, is left to make bench).
 unit:
-	$(GO) test -tags "$(ROOT_TAGS)" ./...
-	cd firewall && $(GO) test ./...
-	cd firewall && $(GO) test -run '^$$' -bench . -benchtime 10000x -skip '^BenchmarkForward$$' ./...
-	$(GO) test -tags "$(ROOT_TAGS)" -run '^$$' -bench . -benchtime 10000x ./...
+	$(GO) test -tags "$(ROOT_TAGS)" -bench . -benchtime 10000x ./...
+	cd firewall && $(GO) test -bench . -benchtime 10000x -skip '^BenchmarkForward$$' ./...
 
 # Every fuzz target of the firewall module for a bounded time on top of its
 # seeds (FUZZ_MAIN=30s for the main ones, FUZZ_OTHER=5s for the rest);

@@ -243,6 +243,9 @@ func Resolve(ctx context.Context, client *http.Client, s Spec, workDir, keepDir 
 		return nil, fmt.Errorf("lock: %w", err)
 	}
 	lock := &debs.Lock{Suite: s.Suite, Mirror: s.Mirror, Snapshot: now.UTC().Truncate(time.Second), Include: append([]string(nil), s.Packages...)}
+	if err := os.MkdirAll(keepDir, 0o755); err != nil {
+		return nil, fmt.Errorf("lock: %w", err)
+	}
 	for _, p := range installed {
 		st, ok := index[p.name]
 		if !ok || st.Get("Version") != p.version {
@@ -265,9 +268,6 @@ func Resolve(ctx context.Context, client *http.Client, s Spec, workDir, keepDir 
 			return nil, fmt.Errorf("lock: %s: the downloaded .deb has sha256 %s, the index %s", p.name, sum, e.SHA256)
 		}
 		e.Size = size
-		if err := os.MkdirAll(keepDir, 0o755); err != nil {
-			return nil, fmt.Errorf("lock: %w", err)
-		}
 		if err := os.Rename(deb, filepath.Join(keepDir, "sha256-"+sum)); err != nil {
 			return nil, fmt.Errorf("lock: %w", err)
 		}
