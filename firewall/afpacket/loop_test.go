@@ -125,7 +125,7 @@ func waitErr(t *testing.T, what string, c chan error) error {
 
 // TestLoopFair: one goroutine serves two links, each batch to its own
 // input; a link with a deep queue does not hold up the other, which is
-// served in the first round.
+// served right after the busy link's first turn.
 func TestLoopFair(t *testing.T) {
 	lt := newLoopTopo(t)
 	// Big socket queues so that every frame queued before the loop
@@ -162,9 +162,9 @@ func TestLoopFair(t *testing.T) {
 		}
 	}
 	t.Logf("%d input calls; the quiet link's first is call %d", len(calls), first)
-	// The gated first call may be either link's; by the end of round
-	// two at the latest the quiet one has been served.
-	if first < 0 || first > 2 {
+	// The gated first call may be either link's; after the busy link's
+	// first turn at the latest the quiet one has been served.
+	if first < 0 || first > turnBatches {
 		t.Errorf("quiet link first served at call %d of %v: starved by the busy one", first, calls)
 	}
 	if len(calls) < 400/16 {
@@ -179,6 +179,75 @@ func TestLoopFair(t *testing.T) {
 		}
 	}
 	waitMembers(t, lt.lp, 0)
+}
+
+// TestLoopTurns: two links with deep queues take turns of turnBatches
+// batches each: a turn reads a link again while it has frames (more than
+// one batch in a row), and never more than turnBatches while the other
+// link waits.
+func TestLoopTurns(t *testing.T) {
+	lt := newLoopTopo(t)
+	a := openIn(t, lt.fw, "f0", Config{BatchSize: 16, SocketBuffer: 4 << 20})
+	b := openIn(t, lt.fw, "f1", Config{BatchSize: 16, SocketBuffer: 4 << 20})
+	const each = 16 * 4 * turnBatches // four full turns per link
+	sendFrames(t, lt.peer, "p0", macF0, each, 'A')
+	sendFrames(t, lt.peer, "p1", [6]byte{2, 0, 0, 0, 1, 0xf1}, each, 'B')
+
+	rec := newRecorder()
+	var gate sync.WaitGroup
+	gate.Add(1)
+	gated := func(in func([]link.Frame)) func([]link.Frame) {
+		return func(f []link.Frame) { gate.Wait(); in(f) }
+	}
+	ctx := context.Background()
+	ea := serve(ctx, lt.lp, a, gated(rec.input("a")))
+	eb := serve(ctx, lt.lp, b, gated(rec.input("b")))
+	waitMembers(t, lt.lp, 2)
+	gate.Done()
+	rec.waitCount(t, "a", each)
+	rec.waitCount(t, "b", each)
+
+	rec.mu.Lock()
+	calls := append([]string(nil), rec.calls...)
+	rec.mu.Unlock()
+	// Runs of calls for one link, up to the first link to run dry: the
+	// last run may be longer, as the other link has nothing left.
+	var runs []int
+	seen := map[string]int{}
+	for i, c := range calls {
+		seen[c]++
+		if i > 0 && c == calls[i-1] {
+			runs[len(runs)-1]++
+		} else {
+			runs = append(runs, 1)
+		}
+		if seen[c] == each/16 {
+			break
+		}
+	}
+	t.Logf("%d input calls; runs per link while both had frames: %v", len(calls), runs)
+	// The first run may be two turns: the gated first round can have
+	// seen one link only, and that link can come first in the next.
+	if len(runs) < 3 {
+		t.Fatalf("the links did not alternate: runs %v", runs)
+	}
+	longest := 0
+	for _, r := range runs[1 : len(runs)-1] {
+		longest = max(longest, r)
+	}
+	if longest > turnBatches {
+		t.Errorf("a link had %d batches in a row while the other waited, want at most %d: %v", longest, turnBatches, runs)
+	}
+	if longest < 2 {
+		t.Errorf("no turn read a link twice while it had frames: %v", runs)
+	}
+	a.Close()
+	b.Close()
+	for _, c := range []chan error{ea, eb} {
+		if err := waitErr(t, "after Close", c); !errors.Is(err, link.ErrClosed) {
+			t.Errorf("Serve after Close = %v, want link.ErrClosed", err)
+		}
+	}
 }
 
 // waitMembers waits until the loop has n members (a hang guard).
