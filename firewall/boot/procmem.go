@@ -2,10 +2,12 @@ package boot
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strconv"
+	"strings"
 )
 
 // Memory is what the kernel says about the firewall's memory, in kB: the
@@ -18,6 +20,16 @@ type Memory struct {
 	// shrinks when the kernel gives pages back to Xen to map grants into
 	// (netback does for every client vif, without unpopulated-alloc).
 	Total int64
+
+	// Where the VM's memory is, for the stats line: -1 when the kernel
+	// does not report the field (only the four above are required).
+	Free        int64 // MemFree
+	Slab        int64 // Slab: the kernel's object caches
+	SUnreclaim  int64 // SUnreclaim: the part of Slab it cannot free
+	Shmem       int64 // Shmem: tmpfs, here the unpacked initramfs
+	KernelStack int64 // KernelStack: netback's threads among others
+	PageTables  int64 // PageTables
+	Anon        int64 // RssAnon (/proc/self/status): the firewall's heap and stacks
 }
 
 // The files ReadMemory reads.
@@ -85,8 +97,37 @@ func parseMemory(status, meminfo []byte) (Memory, error) {
 		}
 		*f.dst = v
 	}
+	for _, f := range []struct {
+		text []byte
+		file string
+		key  string
+		dst  *int64
+	}{
+		{meminfo, procMeminfo, "MemFree", &m.Free},
+		{meminfo, procMeminfo, "Slab", &m.Slab},
+		{meminfo, procMeminfo, "SUnreclaim", &m.SUnreclaim},
+		{meminfo, procMeminfo, "Shmem", &m.Shmem},
+		{meminfo, procMeminfo, "KernelStack", &m.KernelStack},
+		{meminfo, procMeminfo, "PageTables", &m.PageTables},
+		{status, procStatus, "RssAnon", &m.Anon},
+	} {
+		v, err := kBField(f.text, f.key)
+		var missing noFieldError
+		switch {
+		case errors.As(err, &missing):
+			v = -1 // an older or differently built kernel
+		case err != nil:
+			return Memory{}, fmt.Errorf("%s: %w", f.file, err)
+		}
+		*f.dst = v
+	}
 	return m, nil
 }
+
+// noFieldError is kBField's error for a key with no line.
+type noFieldError struct{ key string }
+
+func (e noFieldError) Error() string { return "no " + e.key + " line" }
 
 // maxKB bounds a value: 1 PiB in kB, far above any VM, and far from
 // overflowing when converted.
@@ -115,7 +156,7 @@ func kBField(text []byte, key string) (int64, error) {
 		v = n
 	}
 	if v < 0 {
-		return 0, fmt.Errorf("no %s line", key)
+		return 0, noFieldError{key}
 	}
 	return v, nil
 }
@@ -155,7 +196,25 @@ func clipText(b []byte) []byte {
 // String gives the figures in MiB with one decimal, as the stats line
 // shows them.
 func (m Memory) String() string {
-	return fmt.Sprintf("VmHWM %s MiB, VmRSS %s MiB, MemAvailable %s MiB, MemTotal %s MiB", mib(m.HWM), mib(m.RSS), mib(m.Available), mib(m.Total))
+	s := fmt.Sprintf("VmHWM %s MiB, VmRSS %s MiB, MemAvailable %s MiB, MemTotal %s MiB", mib(m.HWM), mib(m.RSS), mib(m.Available), mib(m.Total))
+	// Where MemTotal went, as far as the kernel says: what a VM size
+	// that carries too few clients spends its memory on.
+	var parts []string
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{
+		{"MemFree", m.Free}, {"Slab", m.Slab}, {"SUnreclaim", m.SUnreclaim}, {"Shmem", m.Shmem},
+		{"KernelStack", m.KernelStack}, {"PageTables", m.PageTables}, {"RssAnon", m.Anon},
+	} {
+		if f.v >= 0 {
+			parts = append(parts, f.name+" "+mib(f.v))
+		}
+	}
+	if len(parts) > 0 {
+		s += " (" + strings.Join(parts, ", ") + " MiB)"
+	}
+	return s
 }
 
 func mib(kb int64) string { return strconv.FormatFloat(float64(kb)/1024, 'f', 1, 64) }

@@ -17,7 +17,9 @@ const (
 		"VmHWM:\t   11264 kB\nVmRSS:\t    9830 kB\nRssAnon:\t    4096 kB\n" +
 		"Threads:\t5\nSigQ:\t0/63\n"
 	sampleMeminfo = "MemTotal:          20480 kB\nMemFree:            3072 kB\nMemAvailable:       4250 kB\n" +
-		"Buffers:               0 kB\nCached:             9000 kB\n"
+		"Buffers:               0 kB\nCached:             9000 kB\nShmem:              3584 kB\n" +
+		"Slab:               2048 kB\nSReclaimable:        512 kB\nSUnreclaim:         1536 kB\n" +
+		"KernelStack:         512 kB\nPageTables:          256 kB\n"
 )
 
 func TestParseMemory(t *testing.T) {
@@ -25,15 +27,23 @@ func TestParseMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m != (Memory{HWM: 11264, RSS: 9830, Available: 4250, Total: 20480}) {
-		t.Errorf("parsed %+v", m)
+	want := Memory{HWM: 11264, RSS: 9830, Available: 4250, Total: 20480,
+		Free: 3072, Slab: 2048, SUnreclaim: 1536, Shmem: 3584, KernelStack: 512, PageTables: 256, Anon: 4096}
+	if m != want {
+		t.Errorf("parsed %+v, want %+v", m, want)
 	}
-	if got, want := m.String(), "VmHWM 11.0 MiB, VmRSS 9.6 MiB, MemAvailable 4.2 MiB, MemTotal 20.0 MiB"; got != want {
+	if got, want := m.String(), "VmHWM 11.0 MiB, VmRSS 9.6 MiB, MemAvailable 4.2 MiB, MemTotal 20.0 MiB "+
+		"(MemFree 3.0, Slab 2.0, SUnreclaim 1.5, Shmem 3.5, KernelStack 0.5, PageTables 0.2, RssAnon 4.0 MiB)"; got != want {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
-	// No newline at the end of the last line.
-	if m, err := parseMemory([]byte("VmHWM:\t1 kB\nVmRSS:\t2 kB"), []byte("MemTotal: 4 kB\nMemAvailable: 3 kB")); err != nil || m != (Memory{1, 2, 3, 4}) {
-		t.Errorf("without final newlines: %+v, %v", m, err)
+	// No newline at the end of the last line; the breakdown's fields are
+	// optional (-1, not shown).
+	m, err = parseMemory([]byte("VmHWM:\t1 kB\nVmRSS:\t2 kB"), []byte("MemTotal: 4 kB\nMemAvailable: 3 kB"))
+	if want := (Memory{1, 2, 3, 4, -1, -1, -1, -1, -1, -1, -1}); err != nil || m != want {
+		t.Errorf("without final newlines: %+v, %v, want %+v", m, err, want)
+	}
+	if got, want := m.String(), "VmHWM 0.0 MiB, VmRSS 0.0 MiB, MemAvailable 0.0 MiB, MemTotal 0.0 MiB"; got != want {
+		t.Errorf("String() without the breakdown = %q, want %q", got, want)
 	}
 }
 
@@ -115,7 +125,8 @@ func TestReadMemoryErrors(t *testing.T) {
 
 // FuzzParseMemory: whatever the text, no panic; a value parseMemory
 // accepts is in range and is written in the text on its key's line as
-// "KEY:<blanks>N kB", the way the kernel writes it.
+// "KEY:<blanks>N kB", the way the kernel writes it; a field of the
+// breakdown is -1 (absent) only when no line has its key.
 func FuzzParseMemory(f *testing.F) {
 	f.Add(sampleStatus, sampleMeminfo)
 	f.Add("VmHWM:\t1 kB\nVmRSS:\t2 kB", "MemTotal: 4 kB\nMemAvailable: 3 kB")
@@ -132,7 +143,20 @@ func FuzzParseMemory(f *testing.F) {
 		for _, v := range []struct {
 			text, key string
 			n         int64
-		}{{status, "VmHWM", m.HWM}, {status, "VmRSS", m.RSS}, {meminfo, "MemAvailable", m.Available}, {meminfo, "MemTotal", m.Total}} {
+			optional  bool
+		}{
+			{status, "VmHWM", m.HWM, false}, {status, "VmRSS", m.RSS, false},
+			{meminfo, "MemAvailable", m.Available, false}, {meminfo, "MemTotal", m.Total, false},
+			{meminfo, "MemFree", m.Free, true}, {meminfo, "Slab", m.Slab, true}, {meminfo, "SUnreclaim", m.SUnreclaim, true},
+			{meminfo, "Shmem", m.Shmem, true}, {meminfo, "KernelStack", m.KernelStack, true},
+			{meminfo, "PageTables", m.PageTables, true}, {status, "RssAnon", m.Anon, true},
+		} {
+			if v.optional && v.n == -1 {
+				if strings.HasPrefix(v.text, v.key+":") || strings.Contains(v.text, "\n"+v.key+":") {
+					t.Fatalf("%s has a line but was taken as absent", v.key)
+				}
+				continue
+			}
 			if v.n < 0 || v.n > maxKB {
 				t.Fatalf("%s = %d out of range", v.key, v.n)
 			}
