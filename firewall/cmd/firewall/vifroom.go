@@ -16,6 +16,16 @@ import (
 // unpopulated space, XEN_UNPOPULATED_ALLOC; before, MemTotal fell by
 // 1 MiB per client and this was 1.75 MiB). Measured under Xen (make
 // bench-xen, the stats line as clients attach to a 32 MiB VM): 0.6 MiB.
+//
+// The stats line's breakdown later split that: two clients took
+// MemAvailable down 1.2 MiB, of which the firewall's RssAnon was 1.0 and
+// Slab 0.2, so the kernel's own part is about 0.1 MiB per vif. The rest
+// is the margin for the firewall's growth beyond vifRoom.growth: with
+// 0.375 MiB here a 32 MiB VM took three clients, and in their second
+// burst its RssAnon grew from 2.7 to 5.6 MiB (VmRSS 4.6 MiB above its
+// value at the first admission, against 3.3 reserved), leaving 3.2 MiB
+// available. Lower this once the firewall's heap is bounded under
+// rebalancing.
 const vifKernelCost = 3 << 18 // 0.75 MiB
 
 // vifBurst is the headroom every open link needs on top of the floor for
@@ -26,7 +36,7 @@ const vifKernelCost = 3 << 18 // 0.75 MiB
 // been admitted with its resting cost.
 const vifBurst = 1 << 19 // 0.5 MiB
 
-// vifSettle is// vifSettle is how long after an admission its kernel cost may not yet
+// vifSettle is how long after an admission its kernel cost may not yet
 // show in MemAvailable: netback allocates when the client's frontend
 // connects, after the firewall has opened the vif.
 const vifSettle = 20 * time.Second
