@@ -136,18 +136,7 @@ func TestLoopFair(t *testing.T) {
 	sendFrames(t, lt.peer, "p1", [6]byte{2, 0, 0, 0, 1, 0xf1}, 10, 'Q')
 
 	rec := newRecorder()
-	// Only once both are members do they become readable for the loop:
-	// hold the loop back until then with one input that waits.
-	var gate sync.WaitGroup
-	gate.Add(1)
-	gated := func(in func([]link.Frame)) func([]link.Frame) {
-		return func(f []link.Frame) { gate.Wait(); in(f) }
-	}
-	ctx := context.Background()
-	e0 := serve(ctx, lt.lp, busy, gated(rec.input("busy")))
-	e1 := serve(ctx, lt.lp, quiet, gated(rec.input("quiet")))
-	waitMembers(t, lt.lp, 2)
-	gate.Done()
+	errs := serveBoth(t, lt, rec, busy, "busy", quiet, "quiet")
 	rec.waitCount(t, "busy", 400)
 	rec.waitCount(t, "quiet", 10)
 
@@ -171,14 +160,40 @@ func TestLoopFair(t *testing.T) {
 		t.Errorf("%d calls for 400 frames in batches of at most 16", len(calls))
 	}
 
-	busy.Close()
-	quiet.Close()
-	for _, c := range []chan error{e0, e1} {
+	closeServed(t, errs, busy, quiet)
+	waitMembers(t, lt.lp, 0)
+}
+
+// serveBoth serves a and b on lt's loop, each batch recorded under its
+// name, and returns once both are members. Only then may the loop's first
+// input go on (it waits), so that the links' queues are read as the test
+// filled them, not one before the other was served.
+func serveBoth(t *testing.T, lt *loopTopo, rec *recorder, a *Link, aName string, b *Link, bName string) []chan error {
+	t.Helper()
+	var gate sync.WaitGroup
+	gate.Add(1)
+	gated := func(in func([]link.Frame)) func([]link.Frame) {
+		return func(f []link.Frame) { gate.Wait(); in(f) }
+	}
+	ctx := context.Background()
+	errs := []chan error{serve(ctx, lt.lp, a, gated(rec.input(aName))), serve(ctx, lt.lp, b, gated(rec.input(bName)))}
+	waitMembers(t, lt.lp, 2)
+	gate.Done()
+	return errs
+}
+
+// closeServed closes the links and checks that each Serve (errs, in the
+// same order) ended with link.ErrClosed.
+func closeServed(t *testing.T, errs []chan error, links ...*Link) {
+	t.Helper()
+	for _, l := range links {
+		l.Close()
+	}
+	for _, c := range errs {
 		if err := waitErr(t, "after Close", c); !errors.Is(err, link.ErrClosed) {
 			t.Errorf("Serve after Close = %v, want link.ErrClosed", err)
 		}
 	}
-	waitMembers(t, lt.lp, 0)
 }
 
 // TestLoopTurns: two links with deep queues take turns of turnBatches
@@ -194,16 +209,7 @@ func TestLoopTurns(t *testing.T) {
 	sendFrames(t, lt.peer, "p1", [6]byte{2, 0, 0, 0, 1, 0xf1}, each, 'B')
 
 	rec := newRecorder()
-	var gate sync.WaitGroup
-	gate.Add(1)
-	gated := func(in func([]link.Frame)) func([]link.Frame) {
-		return func(f []link.Frame) { gate.Wait(); in(f) }
-	}
-	ctx := context.Background()
-	ea := serve(ctx, lt.lp, a, gated(rec.input("a")))
-	eb := serve(ctx, lt.lp, b, gated(rec.input("b")))
-	waitMembers(t, lt.lp, 2)
-	gate.Done()
+	errs := serveBoth(t, lt, rec, a, "a", b, "b")
 	rec.waitCount(t, "a", each)
 	rec.waitCount(t, "b", each)
 
@@ -241,13 +247,7 @@ func TestLoopTurns(t *testing.T) {
 	if longest < 2 {
 		t.Errorf("no turn read a link twice while it had frames: %v", runs)
 	}
-	a.Close()
-	b.Close()
-	for _, c := range []chan error{ea, eb} {
-		if err := waitErr(t, "after Close", c); !errors.Is(err, link.ErrClosed) {
-			t.Errorf("Serve after Close = %v, want link.ErrClosed", err)
-		}
-	}
+	closeServed(t, errs, a, b)
 }
 
 // waitMembers waits until the loop has n members (a hang guard).

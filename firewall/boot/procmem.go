@@ -81,40 +81,28 @@ func readProc(path string) ([]byte, error) {
 func parseMemory(status, meminfo []byte) (Memory, error) {
 	var m Memory
 	for _, f := range []struct {
-		text []byte
-		file string
-		key  string
-		dst  *int64
+		text     []byte
+		file     string
+		key      string
+		dst      *int64
+		optional bool // part of the breakdown: -1 when the kernel has no such line
 	}{
-		{status, procStatus, "VmHWM", &m.HWM},
-		{status, procStatus, "VmRSS", &m.RSS},
-		{meminfo, procMeminfo, "MemAvailable", &m.Available},
-		{meminfo, procMeminfo, "MemTotal", &m.Total},
-	} {
-		v, err := kBField(f.text, f.key)
-		if err != nil {
-			return Memory{}, fmt.Errorf("%s: %w", f.file, err)
-		}
-		*f.dst = v
-	}
-	for _, f := range []struct {
-		text []byte
-		file string
-		key  string
-		dst  *int64
-	}{
-		{meminfo, procMeminfo, "MemFree", &m.Free},
-		{meminfo, procMeminfo, "Slab", &m.Slab},
-		{meminfo, procMeminfo, "SUnreclaim", &m.SUnreclaim},
-		{meminfo, procMeminfo, "Shmem", &m.Shmem},
-		{meminfo, procMeminfo, "KernelStack", &m.KernelStack},
-		{meminfo, procMeminfo, "PageTables", &m.PageTables},
-		{status, procStatus, "RssAnon", &m.Anon},
+		{status, procStatus, "VmHWM", &m.HWM, false},
+		{status, procStatus, "VmRSS", &m.RSS, false},
+		{meminfo, procMeminfo, "MemAvailable", &m.Available, false},
+		{meminfo, procMeminfo, "MemTotal", &m.Total, false},
+		{meminfo, procMeminfo, "MemFree", &m.Free, true},
+		{meminfo, procMeminfo, "Slab", &m.Slab, true},
+		{meminfo, procMeminfo, "SUnreclaim", &m.SUnreclaim, true},
+		{meminfo, procMeminfo, "Shmem", &m.Shmem, true},
+		{meminfo, procMeminfo, "KernelStack", &m.KernelStack, true},
+		{meminfo, procMeminfo, "PageTables", &m.PageTables, true},
+		{status, procStatus, "RssAnon", &m.Anon, true},
 	} {
 		v, err := kBField(f.text, f.key)
 		var missing noFieldError
 		switch {
-		case errors.As(err, &missing):
+		case f.optional && errors.As(err, &missing):
 			v = -1 // an older or differently built kernel
 		case err != nil:
 			return Memory{}, fmt.Errorf("%s: %w", f.file, err)
