@@ -108,6 +108,12 @@ func clientsReport(rep *strings.Builder, rows []clientsRow, counts []int, info m
 	if len(costs) > 0 {
 		fmt.Fprintf(rep, "\nPer-client cost:\n\n%s\n", strings.Join(costs, "\n"))
 	}
+	if m := info["clients-memory"]; len(m) > 0 {
+		fmt.Fprintf(rep, "\nWhere the VM's memory was at each line (the stats line's breakdown, MiB: the kernel's MemFree, Slab and its unreclaimable part, Shmem, KernelStack, PageTables; the firewall's RssAnon):\n\n")
+		for _, l := range m {
+			fmt.Fprintf(rep, "- %s\n", mdCell(l))
+		}
+	}
 	if a := info["attach"]; len(a) > 0 {
 		fmt.Fprintf(rep, "\nAttached: %s.\n", mdCell(strings.Join(a, "; ")))
 	}
@@ -178,7 +184,8 @@ func TestClientsReport(t *testing.T) {
 		rows = append(rows, r)
 	}
 	var rep strings.Builder
-	clientsReport(&rep, rows, []int{4, 10}, map[string][]string{"clients-time": {"600.5"}, "clients-vm": {"64 MiB"}}, 5, 32)
+	clientsReport(&rep, rows, []int{4, 10}, map[string][]string{"clients-time": {"600.5"}, "clients-vm": {"64 MiB"},
+		"clients-memory": {"0 clients, idle: MemFree 9.2, Slab 2.0, RssAnon 0.9 MiB", "4 clients, idle: MemFree 7.3 | x"}}, 5, 32)
 	for _, want := range []string{
 		"| 4 | 4 | burst | yes | 11.5 | 10.2 | 3.1 | 16.0 | iperf3 --bidir",
 		"| 10 | 9 | idle | no | - | - | - | - | 9/10 attached; the firewall died: Out of memory |",
@@ -188,6 +195,9 @@ func TestClientsReport(t *testing.T) {
 		"took 600 s",
 		"`iperf3 --bidir -t 10`",
 		"iperf3; 64 MiB each",
+		"Where the VM's memory was at each line",
+		"- 0 clients, idle: MemFree 9.2, Slab 2.0, RssAnon 0.9 MiB\n",
+		`- 4 clients, idle: MemFree 7.3 \| x`,
 	} {
 		if !strings.Contains(rep.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, rep.String())

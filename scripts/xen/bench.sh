@@ -345,7 +345,7 @@ memline() {
 		# Where the VM's memory went (boot.Memory's breakdown), for
 		# the report's notes.
 		ml_where=$(grep -o "$STATS_RE ([^)]*)" $CON/guest-fwc.log | tail -1 | sed 's/.* MiB (\(.*\))$/\1/')
-		[ -n "$ml_where" ] && info "clients-memory-$1-$2" "$ml_where"
+		[ -n "$ml_where" ] && info clients-memory "$1 clients, $2: $ml_where"
 	else
 		ml_detail="$ml_detail; no stats line within 75 s"
 	fi
