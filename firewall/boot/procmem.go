@@ -26,7 +26,7 @@ type Memory struct {
 	Free        int64 // MemFree
 	Slab        int64 // Slab: the kernel's object caches
 	SUnreclaim  int64 // SUnreclaim: the part of Slab it cannot free
-	Shmem       int64 // Shmem: tmpfs, here the unpacked initramfs
+	Shmem       int64 // Shmem: tmpfs (the unpacked initramfs is ramfs, not here)
 	KernelStack int64 // KernelStack: netback's threads among others
 	PageTables  int64 // PageTables
 	Anon        int64 // RssAnon (/proc/self/status): the firewall's heap and stacks
@@ -76,36 +76,49 @@ func readProc(path string) ([]byte, error) {
 	return b, nil
 }
 
+// memField is one figure of a Memory: the file and key the kernel writes
+// it under, and whether it belongs to the optional breakdown.
+type memField struct {
+	status   bool // /proc/self/status; otherwise /proc/meminfo
+	key      string
+	dst      *int64
+	optional bool // part of the breakdown: -1 when the kernel has no such line
+}
+
+// fields lists m's figures in the order the stats line shows them; both
+// parseMemory and String read this one table.
+func (m *Memory) fields() []memField {
+	return []memField{
+		{true, "VmHWM", &m.HWM, false},
+		{true, "VmRSS", &m.RSS, false},
+		{false, "MemAvailable", &m.Available, false},
+		{false, "MemTotal", &m.Total, false},
+		{false, "MemFree", &m.Free, true},
+		{false, "Slab", &m.Slab, true},
+		{false, "SUnreclaim", &m.SUnreclaim, true},
+		{false, "Shmem", &m.Shmem, true},
+		{false, "KernelStack", &m.KernelStack, true},
+		{false, "PageTables", &m.PageTables, true},
+		{true, "RssAnon", &m.Anon, true},
+	}
+}
+
 // parseMemory takes the Memory figures from the text of /proc/self/status
 // and /proc/meminfo.
 func parseMemory(status, meminfo []byte) (Memory, error) {
 	var m Memory
-	for _, f := range []struct {
-		text     []byte
-		file     string
-		key      string
-		dst      *int64
-		optional bool // part of the breakdown: -1 when the kernel has no such line
-	}{
-		{status, procStatus, "VmHWM", &m.HWM, false},
-		{status, procStatus, "VmRSS", &m.RSS, false},
-		{meminfo, procMeminfo, "MemAvailable", &m.Available, false},
-		{meminfo, procMeminfo, "MemTotal", &m.Total, false},
-		{meminfo, procMeminfo, "MemFree", &m.Free, true},
-		{meminfo, procMeminfo, "Slab", &m.Slab, true},
-		{meminfo, procMeminfo, "SUnreclaim", &m.SUnreclaim, true},
-		{meminfo, procMeminfo, "Shmem", &m.Shmem, true},
-		{meminfo, procMeminfo, "KernelStack", &m.KernelStack, true},
-		{meminfo, procMeminfo, "PageTables", &m.PageTables, true},
-		{status, procStatus, "RssAnon", &m.Anon, true},
-	} {
-		v, err := kBField(f.text, f.key)
+	for _, f := range m.fields() {
+		text, file := meminfo, procMeminfo
+		if f.status {
+			text, file = status, procStatus
+		}
+		v, err := kBField(text, f.key)
 		var missing noFieldError
 		switch {
 		case f.optional && errors.As(err, &missing):
 			v = -1 // an older or differently built kernel
 		case err != nil:
-			return Memory{}, fmt.Errorf("%s: %w", f.file, err)
+			return Memory{}, fmt.Errorf("%s: %w", file, err)
 		}
 		*f.dst = v
 	}
@@ -188,15 +201,9 @@ func (m Memory) String() string {
 	// Where MemTotal went, as far as the kernel says: what a VM size
 	// that carries too few clients spends its memory on.
 	var parts []string
-	for _, f := range []struct {
-		name string
-		v    int64
-	}{
-		{"MemFree", m.Free}, {"Slab", m.Slab}, {"SUnreclaim", m.SUnreclaim}, {"Shmem", m.Shmem},
-		{"KernelStack", m.KernelStack}, {"PageTables", m.PageTables}, {"RssAnon", m.Anon},
-	} {
-		if f.v >= 0 {
-			parts = append(parts, f.name+" "+mib(f.v))
+	for _, f := range m.fields() {
+		if f.optional && *f.dst >= 0 {
+			parts = append(parts, f.key+" "+mib(*f.dst))
 		}
 	}
 	if len(parts) > 0 {

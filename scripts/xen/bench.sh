@@ -343,7 +343,7 @@ memline() {
 		ml_mem=$(grep -o "$STATS_RE" $CON/guest-fwc.log | tail -1 |
 			sed 's/memory: VmHWM \([0-9.]*\) MiB, VmRSS \([0-9.]*\) MiB, MemAvailable \([0-9.]*\) MiB, MemTotal \([0-9.]*\) MiB/\1 \2 \3 \4/')
 		# Where the VM's memory went (boot.Memory's breakdown), for
-		# the report's notes.
+		# the report's clients section.
 		ml_where=$(grep -o "$STATS_RE ([^)]*)" $CON/guest-fwc.log | tail -1 | sed 's/.* MiB (\(.*\))$/\1/')
 		[ -n "$ml_where" ] && info clients-memory "$1 clients, $2: $ml_where"
 	else
